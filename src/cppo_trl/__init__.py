@@ -1,0 +1,1 @@
+"""CPPO: Contrastive Perception Policy Optimization for Hugging Face TRL."""

@@ -1,0 +1,516 @@
+"""Tests for cppo_trl.perturbations: size preservation, determinism, information removal, to_rgb, validation."""
+
+import dataclasses
+import io
+import logging
+import math
+import random
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from cppo_trl.perturbations import (
+    PRESERVING_PERTURBATIONS,
+    REMOVING_PERTURBATIONS,
+    ImageViews,
+    PerturbationParams,
+    apply_perturbation,
+    make_views,
+    make_views_for_sample,
+    sample_key,
+    to_rgb,
+    view_seed,
+)
+
+
+ALL_PERTURBATIONS = PRESERVING_PERTURBATIONS + REMOVING_PERTURBATIONS
+# Perspective always applied, so every transform is exercised.
+ALWAYS = PerturbationParams(perspective_probability=1.0)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _array(image: PIL.Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)
+
+
+def _corr(a: PIL.Image.Image, b: PIL.Image.Image) -> float:
+    return float(np.corrcoef(_array(a).ravel(), _array(b).ravel())[0, 1])
+
+
+def _noise_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
+    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _grey(array: np.ndarray) -> PIL.Image.Image:
+    return PIL.Image.fromarray(np.repeat(array.astype(np.uint8)[..., None], 3, axis=2))
+
+
+def _textured() -> PIL.Image.Image:
+    """4x4 grid of 16x16 cells with shuffled grey levels: position matters, no smooth trend to survive a zoom."""
+    levels = np.random.default_rng(0).permutation(16).reshape(4, 4) * 15 + 20
+    return _grey(np.kron(levels, np.ones((16, 16))))
+
+
+def _gradient() -> PIL.Image.Image:
+    y, x = np.mgrid[0:64, 0:64]
+    return _grey(x * 2 + y * 2)
+
+
+# --- size and mode --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 7), (7, 3), (1, 40), (29, 57), (28, 28), (5000, 20), (20, 5000)])
+@pytest.mark.parametrize("name", ALL_PERTURBATIONS)
+def test_every_transform_keeps_size_and_rgb(name, size):
+    image = _noise_image(*size)
+    for seed in range(2):
+        out = apply_perturbation(image, name, ALWAYS, _gen(seed))
+        assert out.size == size
+        assert out.mode == "RGB"
+
+
+def test_make_views_keeps_size_of_non_rgb_input():
+    image = PIL.Image.new("RGBA", (31, 17), (10, 20, 30, 255))
+    views = make_views(image, ALWAYS, seed=3)
+    assert isinstance(views, ImageViews)
+    assert views.preserved.size == views.removed.size == (31, 17)
+    assert views.preserved.mode == views.removed.mode == "RGB"
+
+
+def test_apply_perturbation_rejects_bad_input():
+    with pytest.raises(ValueError, match="RGB"):
+        apply_perturbation(PIL.Image.new("L", (4, 4)), "rotation", ALWAYS, _gen(0))
+    with pytest.raises(ValueError, match="valid names"):
+        apply_perturbation(PIL.Image.new("RGB", (4, 4)), "solarize", ALWAYS, _gen(0))
+
+
+# --- determinism ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_PERTURBATIONS)
+def test_transform_is_deterministic_per_seed(name):
+    image = _noise_image(40, 30)
+    first = apply_perturbation(image, name, ALWAYS, _gen(7)).tobytes()
+    assert apply_perturbation(image, name, ALWAYS, _gen(7)).tobytes() == first
+    assert apply_perturbation(image, name, ALWAYS, _gen(8)).tobytes() != first
+
+
+def test_identity_parameters_are_identity():
+    """Degenerate parameters must not alter pixels: checks the transforms add no hidden change."""
+    image = _noise_image(40, 30)
+    params = PerturbationParams(
+        color_jitter_brightness=(1.0, 1.0),
+        color_jitter_contrast=(1.0, 1.0),
+        color_jitter_saturation=(1.0, 1.0),
+        perspective_probability=0.0,
+        rotation_degrees=0.0,
+        gaussian_noise_std=0.0,
+        zoom_crop_side_range=(1.0, 1.0),
+    )
+    for name in ("color_jitter", "perspective", "rotation", "gaussian_noise", "zoom_crop"):
+        assert apply_perturbation(image, name, params, _gen(0)).tobytes() == image.tobytes(), name
+
+
+def test_make_views_deterministic_and_seed_sensitive():
+    image = _noise_image(48, 40)
+    a, b = make_views(image, ALWAYS, seed=123), make_views(image, ALWAYS, seed=123)
+    assert (a.preserving_name, a.removing_name) == (b.preserving_name, b.removing_name)
+    assert a.preserved.tobytes() == b.preserved.tobytes()
+    assert a.removed.tobytes() == b.removed.tobytes()
+    others = [make_views(image, ALWAYS, seed=seed) for seed in range(5)]
+    assert len({v.preserved.tobytes() for v in others}) == 5
+    assert len({v.removed.tobytes() for v in others}) == 5
+
+
+def test_make_views_leaves_global_rng_untouched():
+    torch_state, python_state, numpy_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    make_views(_noise_image(32, 32), ALWAYS, seed=1)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert random.getstate() == python_state
+    assert np.array_equal(np.random.get_state()[1], numpy_state[1])
+
+
+def test_make_views_draws_uniformly_from_configured_sets():
+    image = _noise_image(8, 8)
+    views = [make_views(image, PerturbationParams(), seed=seed) for seed in range(400)]
+    preserving = [v.preserving_name for v in views]
+    removing = [v.removing_name for v in views]
+    for name in PerturbationParams().preserving_perturbations:
+        assert 60 <= preserving.count(name) <= 140, (name, preserving.count(name))  # expected 100
+    for name in PerturbationParams().removing_perturbations:
+        assert 150 <= removing.count(name) <= 250, (name, removing.count(name))  # expected 200
+    assert set(preserving) == set(PerturbationParams().preserving_perturbations)
+
+    only = PerturbationParams(preserving_perturbations=["gaussian_noise"], removing_perturbations=["noise_rectangles"])
+    view = make_views(image, only, seed=0)
+    assert (view.preserving_name, view.removing_name) == ("gaussian_noise", "noise_rectangles")
+
+
+def test_view_seed_stable_distinct_and_in_range():
+    seed = view_seed(42, 10, b"key")
+    assert seed == view_seed(42, 10, b"key")
+    assert view_seed(42, 10, "key") == seed  # str keys hash as UTF-8
+    variants = {seed, view_seed(42, 11, b"key"), view_seed(43, 10, b"key"), view_seed(42, 10, b"kez")}
+    assert len(variants) == 4
+    for value in [*variants, view_seed(0, 0, b""), view_seed(-5, 2**70, b"\xff" * 100)]:
+        assert isinstance(value, int)
+        assert 0 <= value < 2**63
+    with pytest.raises(TypeError):
+        view_seed(1.5, 0, b"k")
+    with pytest.raises(TypeError):
+        view_seed(1, 0, 3)
+
+
+def test_view_seed_independent_of_process_hash_salt():
+    """Ranks and resumed runs are separate processes with different str-hash salts; the seed must not change."""
+    code = "from cppo_trl.perturbations import view_seed; print(view_seed(42, 10, 'prompt-key'))"
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": salt}
+        ).stdout.strip()
+        for salt in ("1", "2")
+    }
+    assert outputs == {str(view_seed(42, 10, "prompt-key"))}
+
+
+def test_sample_key_identifies_text_and_pixels():
+    red, blue = PIL.Image.new("RGB", (4, 3), (255, 0, 0)), PIL.Image.new("RGB", (4, 3), (0, 0, 255))
+    key = sample_key("what is shown?", [red, blue])
+    assert isinstance(key, bytes) and len(key) == 32
+    assert key == sample_key("what is shown?", [red.copy(), blue.copy()])
+    different = {
+        sample_key("what is shown? ", [red, blue]),
+        sample_key("what is shown?", [blue, red]),
+        sample_key("what is shown?", [red]),
+        sample_key("what is shown?", [red, PIL.Image.new("RGB", (3, 4), (0, 0, 255))]),
+        sample_key("what is shown?", [red, blue.convert("RGBA")]),
+    }
+    assert key not in different and len(different) == 5
+
+    palette_a, palette_b = PIL.Image.new("P", (2, 2), 0), PIL.Image.new("P", (2, 2), 0)
+    palette_a.putpalette([255, 0, 0] * 256)
+    palette_b.putpalette([0, 255, 0] * 256)
+    assert sample_key("", [palette_a]) != sample_key("", [palette_b])
+
+
+def test_make_views_for_sample_per_image_and_per_step():
+    image = _noise_image(40, 40)
+    key = sample_key("prompt", [image, image])
+    views = make_views_for_sample([image, image], ALWAYS, base_seed=0, step=5, key=key)
+    assert len(views) == 2
+    # Identical pixels, different index: each image still gets its own views.
+    assert views[0].removed.tobytes() != views[1].removed.tobytes()
+    assert views[0].preserved.tobytes() != views[1].preserved.tobytes()
+
+    again = make_views_for_sample([image, image], ALWAYS, base_seed=0, step=5, key=key)
+    assert [v.removed.tobytes() for v in again] == [v.removed.tobytes() for v in views]
+    assert [v.preserved.tobytes() for v in again] == [v.preserved.tobytes() for v in views]
+
+    for changed in (
+        make_views_for_sample([image, image], ALWAYS, base_seed=0, step=6, key=key),
+        make_views_for_sample([image, image], ALWAYS, base_seed=1, step=5, key=key),
+        make_views_for_sample([image, image], ALWAYS, base_seed=0, step=5, key=b"other"),
+    ):
+        assert changed[0].removed.tobytes() != views[0].removed.tobytes()
+    assert make_views_for_sample([], ALWAYS, base_seed=0, step=0, key=key) == []
+
+
+# --- information preserved / removed -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(280, 140), (100, 60), (5, 5)])
+def test_patch_occlusion_masks_exact_patch_count(size):
+    width, height = size
+    patch = 28
+    white = PIL.Image.new("RGB", size, (255, 255, 255))
+    out = np.asarray(apply_perturbation(white, "patch_occlusion", PerturbationParams(), _gen(0)))
+    assert set(np.unique(out)) <= {0, 255}
+    rows, cols = math.ceil(height / patch), math.ceil(width / patch)
+    black_cells, black_pixels = 0, 0
+    for r in range(rows):
+        for c in range(cols):
+            cell = out[r * patch : (r + 1) * patch, c * patch : (c + 1) * patch]
+            assert cell.min() == cell.max(), "a patch is either fully masked or untouched"
+            if cell.max() == 0:
+                black_cells += 1
+                black_pixels += cell.shape[0] * cell.shape[1]
+    assert black_cells == max(1, math.floor(0.8 * rows * cols + 0.5))
+    assert int((out.max(axis=2) == 0).sum()) == black_pixels
+    if size == (280, 140):  # grid aligned: exactly 80% of pixels
+        assert black_pixels == 40 * patch * patch == 0.8 * width * height
+    if size == (5, 5):  # smaller than a patch: one patch, fully masked
+        assert black_pixels == 25
+
+
+def test_patch_occlusion_ratio_one_masks_everything():
+    out = apply_perturbation(
+        PIL.Image.new("RGB", (50, 30), (255, 255, 255)),
+        "patch_occlusion",
+        PerturbationParams(occlusion_ratio=1.0),
+        _gen(0),
+    )
+    assert np.asarray(out).max() == 0
+
+
+def test_zoom_crop_removes_far_more_than_color_jitter():
+    image = _textured()
+    zoom = [apply_perturbation(image, "zoom_crop", ALWAYS, _gen(seed)) for seed in range(20)]
+    jitter = [apply_perturbation(image, "color_jitter", ALWAYS, _gen(seed)) for seed in range(20)]
+    zoom_corr = [_corr(image, out) for out in zoom]
+    jitter_corr = [_corr(image, out) for out in jitter]
+    assert min(jitter_corr) > 0.95
+    assert max(zoom_corr) < 0.7 and np.mean(zoom_corr) < 0.4
+    assert min(np.abs(_array(out) - _array(image)).mean() for out in zoom) > 10
+
+
+def test_noise_rectangles_bounded_by_configured_size():
+    grey = PIL.Image.new("RGB", (40, 20), (128, 128, 128))
+    params = PerturbationParams(noise_rectangles_count=1, noise_rectangles_size_range=(0.5, 0.5))
+    changed = np.argwhere(np.asarray(apply_perturbation(grey, "noise_rectangles", params, _gen(0))).max(axis=2) != 128)
+    (top, left), (bottom, right) = changed.min(axis=0), changed.max(axis=0)
+    assert bottom - top < 10 and right - left < 20  # one 20x10 rectangle
+    assert len(changed) > 0.9 * 200
+
+    many = np.asarray(
+        apply_perturbation(PIL.Image.new("RGB", (200, 100), (128,) * 3), "noise_rectangles", ALWAYS, _gen(0))
+    )
+    changed_fraction = (many != 128).any(axis=2).mean()
+    assert 0.1 < changed_fraction < 0.8  # 50 rectangles of 5-15% per side
+
+
+@pytest.mark.parametrize("name", ["gaussian_blur", "gaussian_noise", "rotation", "color_jitter"])
+def test_preserving_transforms_keep_high_correlation(name):
+    params = PerturbationParams(rotation_degrees=5.0)
+    image = _gradient()
+    for seed in range(10):
+        assert _corr(image, apply_perturbation(image, name, params, _gen(seed))) > 0.9
+
+
+@pytest.mark.parametrize("name", ["patch_occlusion", "zoom_crop"])
+def test_removing_transforms_have_low_correlation(name):
+    image = _textured()
+    correlations = [_corr(image, apply_perturbation(image, name, ALWAYS, _gen(seed))) for seed in range(20)]
+    assert np.mean(correlations) < 0.4
+
+
+def test_perspective_probability():
+    image = _noise_image(40, 30)
+    never = PerturbationParams(perspective_probability=0.0)
+    applied = [
+        apply_perturbation(image, "perspective", PerturbationParams(), _gen(seed)).tobytes() != image.tobytes()
+        for seed in range(100)
+    ]
+    assert 30 <= sum(applied) <= 70  # p = 0.5
+    assert apply_perturbation(image, "perspective", never, _gen(0)).tobytes() == image.tobytes()
+
+
+def test_perspective_survives_degenerate_tiny_images():
+    params = PerturbationParams(perspective_probability=1.0, perspective_distortion=1.0)
+    for seed in range(50):
+        for size in [(1, 1), (1, 5), (2, 2), (3, 2)]:
+            assert apply_perturbation(_noise_image(*size), "perspective", params, _gen(seed)).size == size
+
+
+# --- to_rgb -----------------------------------------------------------------------------------------------------
+
+
+def test_to_rgb_composites_alpha_on_white():
+    rgba = PIL.Image.new("RGBA", (3, 1))
+    rgba.putpixel((0, 0), (255, 0, 0, 0))
+    rgba.putpixel((1, 0), (255, 0, 0, 255))
+    rgba.putpixel((2, 0), (255, 0, 0, 128))
+    out = to_rgb(rgba)
+    assert out.mode == "RGB"
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+    assert out.getpixel((1, 0)) == (255, 0, 0)
+    assert out.getpixel((2, 0)) == (255, 127, 127)
+
+    la = PIL.Image.new("LA", (2, 1))
+    la.putpixel((0, 0), (50, 0))
+    la.putpixel((1, 0), (50, 255))
+    assert [to_rgb(la).getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (50, 50, 50)]
+
+    premultiplied = PIL.Image.new("RGBa", (1, 1), (0, 0, 0, 0))
+    assert to_rgb(premultiplied).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_to_rgb_palette_modes():
+    palette = PIL.Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    assert [to_rgb(palette).getpixel((x, 0)) for x in range(2)] == [(255, 0, 0), (0, 255, 0)]
+
+    palette.info["transparency"] = 0
+    assert [to_rgb(palette).getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (0, 255, 0)]
+
+    pa = PIL.Image.new("PA", (1, 1), (1, 0))
+    pa.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    assert to_rgb(pa).getpixel((0, 0)) == (255, 255, 255)
+
+    rgb_key = PIL.Image.new("RGB", (2, 1), (10, 20, 30))
+    rgb_key.putpixel((1, 0), (1, 2, 3))
+    rgb_key.info["transparency"] = (10, 20, 30)
+    assert [to_rgb(rgb_key).getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (1, 2, 3)]
+
+
+def test_to_rgb_matches_transformers_convert_to_rgb():
+    """The processor path must see the same pixels for every mode that transformers handles."""
+    from transformers.image_transforms import convert_to_rgb
+
+    images = [_noise_image(5, 4).convert(mode) for mode in ("RGBA", "LA", "L", "1", "P", "CMYK", "YCbCr")]
+    transparent = _noise_image(5, 4).convert("P")
+    transparent.info["transparency"] = 3
+    images.append(transparent)
+    alpha = _noise_image(5, 4).convert("RGBA")
+    alpha.putalpha(PIL.Image.fromarray(np.arange(20, dtype=np.uint8).reshape(4, 5) * 12))
+    images.append(alpha)
+    for image in images:
+        np.testing.assert_array_equal(np.asarray(to_rgb(image)), convert_to_rgb(image, return_numpy=True), image.mode)
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "expected"),
+    [
+        ("1", 1, (255, 255, 255)),
+        ("L", 77, (77, 77, 77)),
+        ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+        ("YCbCr", (128, 128, 128), (128, 128, 128)),
+        ("HSV", (0, 255, 255), (255, 0, 0)),
+        ("RGB", (1, 2, 3), (1, 2, 3)),
+    ],
+)
+def test_to_rgb_standard_modes(mode, value, expected):
+    for size in [(1, 1), (3, 2)]:
+        out = to_rgb(PIL.Image.new(mode, size, value))
+        assert out.mode == "RGB" and out.size == size
+        assert out.getpixel((0, 0)) == expected
+
+
+def test_to_rgb_rescales_16_bit_by_bit_depth():
+    values = np.array([[0, 32768, 65535, 257]], dtype=np.uint16)
+    expected = [0, 128, 255, 1]
+    little = PIL.Image.fromarray(values)
+    big = PIL.Image.frombytes("I;16B", (4, 1), values.astype(">u2").tobytes())
+    as_int = PIL.Image.fromarray(values.astype(np.int32))
+    assert (little.mode, big.mode, as_int.mode) == ("I;16", "I;16B", "I")
+    for image in (little, big, as_int):
+        assert [to_rgb(image).getpixel((x, 0)) for x in range(4)] == [(v, v, v) for v in expected], image.mode
+
+
+def test_to_rgb_clips_out_of_range_int_with_warning(caplog):
+    image = PIL.Image.fromarray(np.array([[-5, 70000]], dtype=np.int32))
+    with caplog.at_level(logging.WARNING, logger="cppo_trl.perturbations"):
+        out = to_rgb(image)
+    assert [out.getpixel((x, 0)) for x in range(2)] == [(0, 0, 0), (255, 255, 255)]
+    assert "clipped" in caplog.text
+
+
+def test_to_rgb_float_on_0_255_scale():
+    image = PIL.Image.fromarray(np.array([[-5.0, 0.4, 127.6, 300.0]], dtype=np.float32))
+    assert image.mode == "F"
+    assert [to_rgb(image).getpixel((x, 0))[0] for x in range(4)] == [0, 0, 128, 255]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_to_rgb_applies_exif_orientation(fmt):
+    image = PIL.Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 10, 10))  # top-left corner red
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, exif=exif.tobytes())
+    reloaded = PIL.Image.open(io.BytesIO(buffer.getvalue()))
+    assert reloaded.size == (40, 20)
+    out = to_rgb(reloaded)
+    assert out.size == (20, 40)
+    red, green, blue = out.getpixel((15, 5))  # top-left went to top-right
+    assert red > 200 and blue < 60
+
+
+def test_to_rgb_rejects_empty_and_non_images():
+    with pytest.raises(ValueError, match="empty"):
+        to_rgb(PIL.Image.new("RGB", (0, 5)))
+    with pytest.raises(TypeError):
+        to_rgb(np.zeros((4, 4, 3), dtype=np.uint8))
+
+
+def test_to_rgb_returns_new_image():
+    image = PIL.Image.new("RGB", (3, 3), (1, 2, 3))
+    out = to_rgb(image)
+    out.putpixel((0, 0), (9, 9, 9))
+    assert image.getpixel((0, 0)) == (1, 2, 3)
+
+
+# --- PerturbationParams validation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("preserving_perturbations", ("color_jitter", "solarize")),
+        ("preserving_perturbations", ()),
+        ("preserving_perturbations", ("rotation", "rotation")),
+        ("preserving_perturbations", "rotation"),
+        ("preserving_perturbations", ("patch_occlusion",)),
+        ("removing_perturbations", ()),
+        ("removing_perturbations", ["gaussian_blur"]),
+        ("occlusion_ratio", 0.0),
+        ("occlusion_ratio", 1.5),
+        ("occlusion_ratio", float("nan")),
+        ("occlusion_patch_size", 0),
+        ("occlusion_patch_size", 2.5),
+        ("zoom_crop_side_range", (0.7, 0.6)),
+        ("zoom_crop_side_range", (0.0, 0.5)),
+        ("zoom_crop_side_range", (0.5, 1.2)),
+        ("zoom_crop_side_range", (0.5,)),
+        ("noise_rectangles_count", -1),
+        ("noise_rectangles_size_range", (0.15, 0.05)),
+        ("color_jitter_brightness", (1.3, 0.2)),
+        ("color_jitter_contrast", (-0.1, 1.0)),
+        ("color_jitter_saturation", (1.8, 0.2)),
+        ("perspective_distortion", 1.5),
+        ("perspective_probability", -0.1),
+        ("rotation_degrees", -1.0),
+        ("gaussian_blur_kernel_size", 4),
+        ("gaussian_blur_kernel_size", 0),
+        ("gaussian_blur_sigma", (0.0, 1.0)),
+        ("gaussian_blur_sigma", (2.0, 0.1)),
+        ("gaussian_noise_std", -0.01),
+    ],
+)
+def test_params_validation_names_field(field, value):
+    with pytest.raises(ValueError, match=field) as error:
+        PerturbationParams(**{field: value})
+    if "perturbations" in field and value and not isinstance(value, str) and value[0] != "rotation":
+        assert "valid names" in str(error.value)
+
+
+def test_params_accept_lists_and_freeze_them():
+    params = PerturbationParams(
+        preserving_perturbations=["rotation", "gaussian_noise"],
+        removing_perturbations=["noise_rectangles"],
+        zoom_crop_side_range=[0.6, 0.7],
+        gaussian_blur_sigma=[1, 2],
+    )
+    assert params.preserving_perturbations == ("rotation", "gaussian_noise")
+    assert params.removing_perturbations == ("noise_rectangles",)
+    assert params.zoom_crop_side_range == (0.6, 0.7)
+    assert params.gaussian_blur_sigma == (1.0, 2.0)
+    hash(params)  # frozen and hashable, so it can key caches
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.occlusion_ratio = 0.5  # type: ignore[misc]
+
+
+def test_default_params_follow_paper():
+    params = PerturbationParams()
+    assert params.removing_perturbations == ("patch_occlusion", "zoom_crop")
+    assert params.occlusion_ratio == 0.8
+    assert params.zoom_crop_side_range[0] ** 2 == pytest.approx(0.3, abs=1e-4)  # 30% of the area kept
