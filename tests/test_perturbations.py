@@ -1,9 +1,11 @@
 """Tests for cppo_trl.perturbations: size preservation, determinism, information removal, to_rgb, validation."""
 
 import dataclasses
+import inspect
 import io
 import logging
 import math
+import os
 import random
 import subprocess
 import sys
@@ -69,11 +71,9 @@ def _gradient() -> PIL.Image.Image:
 @pytest.mark.parametrize("size", [(1, 1), (3, 7), (7, 3), (1, 40), (29, 57), (28, 28), (5000, 20), (20, 5000)])
 @pytest.mark.parametrize("name", ALL_PERTURBATIONS)
 def test_every_transform_keeps_size_and_rgb(name, size):
-    image = _noise_image(*size)
-    for seed in range(2):
-        out = apply_perturbation(image, name, ALWAYS, _gen(seed))
-        assert out.size == size
-        assert out.mode == "RGB"
+    out = apply_perturbation(_noise_image(*size), name, ALWAYS, _gen(0))
+    assert out.size == size
+    assert out.mode == "RGB"
 
 
 def test_make_views_keeps_size_of_non_rgb_input():
@@ -96,7 +96,7 @@ def test_apply_perturbation_rejects_bad_input():
 
 @pytest.mark.parametrize("name", ALL_PERTURBATIONS)
 def test_transform_is_deterministic_per_seed(name):
-    image = _noise_image(40, 30)
+    image = _noise_image(120, 90)  # 20 occlusion patches: seeds cannot pick the same subset by chance
     first = apply_perturbation(image, name, ALWAYS, _gen(7)).tobytes()
     assert apply_perturbation(image, name, ALWAYS, _gen(7)).tobytes() == first
     assert apply_perturbation(image, name, ALWAYS, _gen(8)).tobytes() != first
@@ -119,7 +119,7 @@ def test_identity_parameters_are_identity():
 
 
 def test_make_views_deterministic_and_seed_sensitive():
-    image = _noise_image(48, 40)
+    image = _noise_image(120, 90)
     a, b = make_views(image, ALWAYS, seed=123), make_views(image, ALWAYS, seed=123)
     assert (a.preserving_name, a.removing_name) == (b.preserving_name, b.removing_name)
     assert a.preserved.tobytes() == b.preserved.tobytes()
@@ -127,6 +127,18 @@ def test_make_views_deterministic_and_seed_sensitive():
     others = [make_views(image, ALWAYS, seed=seed) for seed in range(5)]
     assert len({v.preserved.tobytes() for v in others}) == 5
     assert len({v.removed.tobytes() for v in others}) == 5
+
+
+def test_make_views_views_are_independent():
+    """Tuning one set's parameters must not reshuffle the other view (clean ablations)."""
+    image = _noise_image(120, 90)
+    base = make_views(image, ALWAYS, seed=11)
+    tuned = make_views(image, dataclasses.replace(ALWAYS, rotation_degrees=3.0, occlusion_ratio=0.5), seed=11)
+    other_preserving = make_views(image, dataclasses.replace(ALWAYS, gaussian_blur_sigma=(3.0, 4.0)), seed=11)
+    assert base.removing_name == tuned.removing_name
+    if base.preserving_name != "rotation":
+        assert tuned.preserved.tobytes() == base.preserved.tobytes()
+    assert other_preserving.removed.tobytes() == base.removed.tobytes()
 
 
 def test_make_views_leaves_global_rng_untouched():
@@ -138,14 +150,14 @@ def test_make_views_leaves_global_rng_untouched():
 
 
 def test_make_views_draws_uniformly_from_configured_sets():
-    image = _noise_image(8, 8)
-    views = [make_views(image, PerturbationParams(), seed=seed) for seed in range(400)]
+    image = _noise_image(2, 2)  # tiny: this test is about the draw, not the transforms
+    views = [make_views(image, PerturbationParams(), seed=seed) for seed in range(240)]
     preserving = [v.preserving_name for v in views]
     removing = [v.removing_name for v in views]
     for name in PerturbationParams().preserving_perturbations:
-        assert 60 <= preserving.count(name) <= 140, (name, preserving.count(name))  # expected 100
+        assert 35 <= preserving.count(name) <= 85, (name, preserving.count(name))  # expected 60
     for name in PerturbationParams().removing_perturbations:
-        assert 150 <= removing.count(name) <= 250, (name, removing.count(name))  # expected 200
+        assert 90 <= removing.count(name) <= 150, (name, removing.count(name))  # expected 120
     assert set(preserving) == set(PerturbationParams().preserving_perturbations)
 
     only = PerturbationParams(preserving_perturbations=["gaussian_noise"], removing_perturbations=["noise_rectangles"])
@@ -169,15 +181,15 @@ def test_view_seed_stable_distinct_and_in_range():
 
 
 def test_view_seed_independent_of_process_hash_salt():
-    """Ranks and resumed runs are separate processes with different str-hash salts; the seed must not change."""
-    code = "from cppo_trl.perturbations import view_seed; print(view_seed(42, 10, 'prompt-key'))"
-    outputs = {
-        subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": salt}
-        ).stdout.strip()
-        for salt in ("1", "2")
-    }
-    assert outputs == {str(view_seed(42, 10, "prompt-key"))}
+    """Ranks and resumed runs are separate processes with different str-hash salts; the seed must not change.
+
+    The child runs view_seed's own source (it only needs hashlib), which avoids a multi-second torch import.
+    """
+    code = f"import hashlib\n{inspect.getsource(view_seed)}\nprint(view_seed(42, 10, 'prompt-key'))"
+    for salt in ("1", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": salt}
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        assert child.stdout.strip() == str(view_seed(42, 10, "prompt-key"))
 
 
 def test_sample_key_identifies_text_and_pixels():
@@ -285,12 +297,13 @@ def test_noise_rectangles_bounded_by_configured_size():
     assert 0.1 < changed_fraction < 0.8  # 50 rectangles of 5-15% per side
 
 
-@pytest.mark.parametrize("name", ["gaussian_blur", "gaussian_noise", "rotation", "color_jitter"])
+@pytest.mark.parametrize("name", PRESERVING_PERTURBATIONS)
 def test_preserving_transforms_keep_high_correlation(name):
-    params = PerturbationParams(rotation_degrees=5.0)
+    """Compared on the central 48x48 px, which a 10-degree rotation or 0.2 perspective never moves out of frame."""
     image = _gradient()
     for seed in range(10):
-        assert _corr(image, apply_perturbation(image, name, params, _gen(seed))) > 0.9
+        out = apply_perturbation(image, name, ALWAYS, _gen(seed))
+        assert _corr(image.crop((8, 8, 56, 56)), out.crop((8, 8, 56, 56))) > 0.9
 
 
 @pytest.mark.parametrize("name", ["patch_occlusion", "zoom_crop"])
@@ -414,9 +427,9 @@ def test_to_rgb_clips_out_of_range_int_with_warning(caplog):
 
 
 def test_to_rgb_float_on_0_255_scale():
-    image = PIL.Image.fromarray(np.array([[-5.0, 0.4, 127.6, 300.0]], dtype=np.float32))
+    image = PIL.Image.fromarray(np.array([[-5.0, 0.4, 127.6, 300.0, np.nan]], dtype=np.float32))
     assert image.mode == "F"
-    assert [to_rgb(image).getpixel((x, 0))[0] for x in range(4)] == [0, 0, 128, 255]
+    assert [to_rgb(image).getpixel((x, 0))[0] for x in range(5)] == [0, 0, 128, 255, 0]
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])

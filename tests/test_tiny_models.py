@@ -68,7 +68,10 @@ def test_reload_forward_generate(family, loaded):
 
     # Chat-template path (what GRPOTrainer._tokenize_prompts does for generation).
     messages = [
-        {"role": "user", "content": [{"type": "image", "image": _image("red")}, {"type": "text", "text": "What colour?"}]}
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": _image("red")}, {"type": "text", "text": "What colour?"}],
+        }
     ]
     inputs = processor.apply_chat_template(
         messages, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt"

@@ -77,7 +77,8 @@ class CPPOConfig(GRPOConfig):
 
         > GRPO defaults changed to the paper's (Table 8)
 
-        beta (`float`, defaults to `0.01`), num_generations (`int`, defaults to `5`).
+        beta (`float`, defaults to `0.01`), num_generations (`int`, defaults to `5`), per_device_train_batch_size
+        (`int`, defaults to `10`, two groups of 5).
     """
 
     cppo_preset: str = field(
@@ -221,6 +222,13 @@ class CPPOConfig(GRPOConfig):
     )
     num_generations: int | None = field(
         default=5, metadata={"help": "Rollouts per prompt (G). Paper and released: 5."}
+    )
+    per_device_train_batch_size: int = field(
+        default=10,
+        metadata={
+            "help": "Rollouts per device and micro-batch. TRL counts completions, not prompts: the default holds two "
+            "groups of G = 5 (TRL's default of 8 is not divisible by 5)."
+        },
     )
 
     def __post_init__(self):

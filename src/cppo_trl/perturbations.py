@@ -33,7 +33,7 @@ PRESERVING_PERTURBATIONS: tuple[str, ...] = (
 REMOVING_PERTURBATIONS: tuple[str, ...] = ("patch_occlusion", "zoom_crop", "noise_rectangles")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_SEED_LIMIT = 2**63
+_MAX_SEED = 2**63 - 1
 
 
 def _is_number(value: object) -> bool:
@@ -131,7 +131,7 @@ class PerturbationParams:
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Normalise any PIL image to 8-bit RGB the way a VLM processor expects, so views and the anchor see the same pixels.
+    """Normalise any PIL image to 8-bit RGB as a VLM processor expects, so views and the anchor see the same pixels.
 
     - EXIF orientation is applied first (what a viewer, and transformers' `load_image`, shows); the size returned is
       the transposed one.
@@ -140,8 +140,8 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     - 16-bit integer modes (`I;16*`) are rescaled by their bit depth (65535 -> 255) instead of clipped. Mode `I` is
       32-bit, but Pillow uses it as the container for 16-bit samples, so it is read on the same 0..65535 scale;
       values outside it are clipped (with a warning).
-    - Mode `F` is read on the 0..255 scale Pillow itself assumes for `F` -> `L`, clipped and rounded. A per-image
-      min-max stretch would make brightness depend on content, so it is not used.
+    - Mode `F` is read on the 0..255 scale Pillow itself assumes for `F` -> `L`, clipped and rounded (NaN -> 0). A
+      per-image min-max stretch would make brightness depend on content, so it is not used.
     - Every other mode (1, L, P, CMYK, YCbCr, LAB, HSV, ...) goes through Pillow's own `convert("RGB")`.
     """
     if not isinstance(image, PIL.Image.Image):
@@ -153,7 +153,7 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         values = np.asarray(image)
         if image.mode == "F":
-            values = np.clip(values, 0.0, 255.0)
+            values = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 255.0)
             max_value = 255.0
         else:
             if image.mode == "I" and (values.min() < 0 or values.max() > 65535):
@@ -380,14 +380,14 @@ class ImageViews:
 def make_views(image: PIL.Image.Image, params: PerturbationParams, seed: int) -> ImageViews:
     """Draw one transform uniformly from each set with a generator seeded by `seed`, and apply it.
 
-    Each view gets its own sub-seed, so the removed view does not depend on how many random numbers the
-    preserving transform consumed (changing one set's parameters leaves the other view unchanged).
+    Each view gets its own sub-seed, so neither view depends on how many random numbers the other transform
+    consumed: tuning a preserving transform's parameters leaves the removed view unchanged, and vice versa.
     """
     rgb = to_rgb(image)
     generator = torch.Generator().manual_seed(seed)
     preserving_name = params.preserving_perturbations[_randint(0, len(params.preserving_perturbations), generator)]
     removing_name = params.removing_perturbations[_randint(0, len(params.removing_perturbations), generator)]
-    preserving_seed, removing_seed = torch.randint(0, _SEED_LIMIT - 1, (2,), generator=generator).tolist()
+    preserving_seed, removing_seed = torch.randint(0, _MAX_SEED, (2,), generator=generator).tolist()
     return ImageViews(
         preserved=apply_perturbation(rgb, preserving_name, params, torch.Generator().manual_seed(preserving_seed)),
         removed=apply_perturbation(rgb, removing_name, params, torch.Generator().manual_seed(removing_seed)),

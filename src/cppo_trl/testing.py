@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 # Bump when the construction changes so that stale cached folders are rebuilt instead of reused.
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
 _MARKER_FILE = "cppo_tiny_vlm.json"
 
 # Reasoning markers are ordinary (non-special) added tokens: atomic, but kept by ``skip_special_tokens=True`` so
@@ -624,6 +624,21 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _randomize_zero_matrices(model, std: float = 0.02) -> None:
+    """Re-initializes weight matrices that the family zero-initializes.
+
+    Gemma3 starts its multimodal projector at zero, which makes a freshly built model blind: image features vanish,
+    logits ignore the picture and the vision tower gets no gradient, so perception tests would pass vacuously.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and not param.any():
+                logger.debug("re-initializing zero matrix %s", name)
+                param.normal_(0.0, std)
+
+
 def _build_into(folder: Path, family: str, seed: int, image_size: int) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
@@ -645,6 +660,7 @@ def _build_into(folder: Path, family: str, seed: int, image_size: int) -> None:
 
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
+    _randomize_zero_matrices(model)
     model.eval()
 
     eos_ids = _ids(tokenizer, spec.eos_token, *spec.stop_tokens)

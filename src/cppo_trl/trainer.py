@@ -163,6 +163,14 @@ class CPPOTrainer(GRPOTrainer):
             output[VIEWS_KEY] = self._build_views(inputs, output)
         return output
 
+    def _generate(self, prompts: list):
+        """TRL 1.16 returns `None` for a prompt without image in a multimodal batch, and then passes that list to the
+        processor, which rejects `None`; an empty list is what the processor (and `num_images`) expect."""
+        *head, images, tool_images = super()._generate(prompts)
+        if images is not None and any(image_list for image_list in images):
+            images = [image_list or [] for image_list in images]
+        return (*head, images, tool_images)
+
     def _gate(self, advantages: torch.Tensor) -> torch.Tensor:
         advantages = advantages if advantages.dim() == 1 else advantages[:, 0]
         if self.args.advantage_gating:

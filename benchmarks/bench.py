@@ -1,0 +1,508 @@
+"""GRPO vs CPPO (gated) vs naive CPPO (ungated) cost benchmark on identical batches.
+
+Why this design: CPPO's overhead claims (SPEC: "only gated rows pay the two extra passes") are only meaningful if the
+three variants see the *same* rollouts, so one `CPPOTrainer` generates and scores each batch once and the same tensors
+are fed to every variant's `compute_loss` + `backward`, alternating the order every step to cancel warm-up/thermal
+drift. Two phases are reported separately:
+
+* **loss phase**: `compute_loss` forward + backward on the prepared inputs (this is where CPPO's extra passes live);
+  its floor is ``1 + 2f`` with ``f`` the fraction of rows that took the two extra view passes;
+* **whole step**: generation + scoring (shared, measured once) + view building (CPPO/naive only) + loss phase.
+
+Memory: on CUDA the true peak (`torch.cuda.max_memory_allocated`) over forward + backward; on CPU the bytes of the
+tensors autograd saves for backward during the forward (`torch.autograd.graph.saved_tensors_hooks`, unique storages,
+parameters excluded), i.e. the activation memory that dominates a training step's peak.
+
+The naive variant is the authors' released code's pass count: `advantage_gating=False`, so every row with an image
+gets both view passes (and views are built for every prompt).
+
+Run: ``python benchmarks/bench.py --sizes tiny,small --steps 6 --out outputs/bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+
+
+logger = logging.getLogger("cppo_bench")
+
+VARIANTS = ("grpo", "cppo", "naive")
+RESULT_KEYS = (
+    "size",
+    "device",
+    "params",
+    "rows",
+    "steps",
+    "gated_fraction",
+    "loss_phase_s",
+    "loss_phase_ratio",
+    "naive_loss_phase_ratio",
+    "floor_1_plus_2f",
+    "loss_phase_vs_floor",
+    "whole_step_s",
+    "whole_step_ratio",
+    "naive_whole_step_ratio",
+    "generation_s",
+    "view_build_s",
+    "view_build_share",
+    "memory_kind",
+    "memory_bytes",
+    "memory_ratio",
+    "naive_memory_ratio",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------- models
+def _qwen25_config_from(tiny_dir: Path, size: str):
+    """A bigger Qwen2.5-VL config sharing the tiny folder's tokenizer ids (so its processor still applies)."""
+    from transformers import Qwen2_5_VLConfig
+
+    tiny = Qwen2_5_VLConfig.from_pretrained(tiny_dir)
+    ids = {
+        k: getattr(tiny, k)
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    }
+    special = {k: getattr(tiny.text_config, k) for k in ("pad_token_id", "eos_token_id", "bos_token_id")}
+    if size == "small":  # ~41M parameters: 8 x 512 text layers, 16k vocabulary, 4-block 256-wide vision tower
+        text = {
+            "hidden_size": 512,
+            "intermediate_size": 1408,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "vocab_size": 16384,
+        }
+        vision = {
+            "depth": 4,
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_heads": 4,
+            "fullatt_block_indexes": [1, 3],
+        }
+        mrope = [8, 12, 12]  # head_dim 64 -> rotary half-dim 32
+    elif size == "3b":  # Qwen2.5-VL-3B shapes (random weights), for GPU machines only
+        text = {
+            "hidden_size": 2048,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "vocab_size": 151936,
+            "tie_word_embeddings": True,
+        }
+        vision = {
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+        }
+        mrope = [16, 24, 24]  # head_dim 128
+    else:
+        raise ValueError(f"unknown size {size!r}")
+    text.update(
+        special,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope},
+    )
+    vision.update(
+        out_hidden_size=text["hidden_size"],
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+    )
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids, **special)
+
+
+def build_model(size: str, cache_dir: Path, image_size: int) -> Path:
+    """Folder with model + processor: the tiny test model, or a bigger random Qwen2.5-VL reusing its processor."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+    from cppo_trl.testing import build_tiny_vlm
+
+    tiny = build_tiny_vlm("qwen2_5_vl", image_size=image_size)
+    if size == "tiny":
+        return tiny
+    folder = cache_dir / f"qwen2_5_vl-{size}-px{image_size}"
+    if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+        return folder
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(_qwen25_config_from(tiny, size))
+    model.generation_config = GenerationConfig.from_pretrained(tiny)
+    model.save_pretrained(folder)
+    AutoProcessor.from_pretrained(tiny).save_pretrained(folder)
+    logger.info("built %s model (%d params) in %s", size, sum(p.numel() for p in model.parameters()), folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+def _synthetic_image(rng: random.Random, size: int) -> PIL.Image.Image:
+    image = PIL.Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+    draw = PIL.ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = rng.randrange(size // 2), rng.randrange(size // 2)
+        box = (x0, y0, x0 + rng.randrange(8, size // 2), y0 + rng.randrange(8, size // 2))
+        draw.ellipse(box, fill=tuple(rng.randrange(256) for _ in range(3)))
+    return image
+
+
+def make_rows(num: int, image_size: int, seed: int) -> list[dict[str, Any]]:
+    """Conversational image prompts; uses `cppo_trl.data` when it exists, else simple random shapes."""
+    try:
+        from cppo_trl.data import make_synthetic_perception_dataset
+
+        dataset = make_synthetic_perception_dataset(num, seed=seed, image_size=image_size)
+        return [dict(dataset[i]) for i in range(num)]
+    except Exception as exc:  # noqa: BLE001 - data.py may be absent or in flux; the bench only needs image prompts
+        logger.debug("synthetic dataset unavailable (%s); generating images inline", exc)
+    rng = random.Random(seed)
+    return [
+        {
+            "prompt": [{"role": "user", "content": "How many circles are in the image? Answer with a number."}],
+            "images": [_synthetic_image(rng, image_size)],
+            "solution": "3",
+        }
+        for _ in range(num)
+    ]
+
+
+def hashed_reward(completions, **kwargs) -> list[float]:
+    """Deterministic pseudo-random reward per completion text: gives within-group variance, so ~half the rollouts
+    have a positive advantage (are gated in) and the result does not depend on what a random model writes."""
+    out = []
+    for completion in completions:
+        text = completion if isinstance(completion, str) else json.dumps(completion, default=str)
+        out.append(int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") / 2**32)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- trainers
+def make_trainers(model_dir: Path, args, out_dir: Path) -> dict[str, Any]:
+    """One trainer per variant, each with its own copy of the same weights."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from cppo_trl.config import CPPOConfig
+    from cppo_trl.trainer import CPPOTrainer
+
+    common = {
+        "per_device_train_batch_size": args.prompts * args.generations,
+        "num_generations": args.generations,
+        "max_completion_length": args.completion_length,
+        "beta": 0.0,
+        "report_to": "none",
+        "seed": args.seed,
+        "use_cpu": args.device == "cpu",
+        "bf16": args.device == "cuda",
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "logging_steps": 1,
+    }
+    dataset_rows = make_rows(args.prompts, args.image_size, args.seed)
+    from datasets import Dataset
+
+    dataset = Dataset.from_list([{k: v for k, v in r.items() if k in ("prompt", "images")} for r in dataset_rows])
+    trainers = {
+        "grpo": GRPOTrainer(
+            str(model_dir),
+            hashed_reward,
+            args=GRPOConfig(output_dir=str(out_dir / "grpo"), **common),
+            train_dataset=dataset,
+        )
+    }
+    for name, gating in (("cppo", True), ("naive", False)):
+        config = CPPOConfig(output_dir=str(out_dir / name), cppo_preset=args.preset, advantage_gating=gating, **common)
+        trainers[name] = CPPOTrainer(str(model_dir), hashed_reward, args=config, train_dataset=dataset)
+    for trainer in trainers.values():
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+    return trainers
+
+
+@contextmanager
+def _timed_method(obj, name: str, sink: list[float], clock=time.perf_counter):
+    """Time every call of `obj.name` (instance-level patch, removed afterwards)."""
+    original = getattr(obj, name)
+
+    def wrapper(*a, **kw):
+        start = clock()
+        try:
+            return original(*a, **kw)
+        finally:
+            sink.append(clock() - start)
+
+    setattr(obj, name, wrapper)
+    try:
+        yield
+    finally:
+        delattr(obj, name)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _variant_inputs(inputs: dict, name: str, naive_views: list) -> dict:
+    if name == "grpo":
+        return {k: v for k, v in inputs.items() if k != "cppo_views"}
+    if name == "naive":
+        return {**inputs, "cppo_views": naive_views}
+    return inputs
+
+
+_CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def _loss_phase(trainer, inputs: dict, device: str, clock=time.perf_counter) -> float:
+    trainer.model.zero_grad(set_to_none=True)
+    _sync(device)
+    start = clock()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    _sync(device)
+    elapsed = clock() - start
+    trainer.model.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def _activation_bytes(trainer, inputs: dict) -> int:
+    """Bytes of unique non-parameter storages autograd saves for backward during the loss forward (CPU proxy)."""
+    params = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen[ptr] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = trainer.compute_loss(trainer.model, inputs)
+    del loss
+    return sum(seen.values())
+
+
+def _cuda_peak(trainer, inputs: dict) -> int:
+    trainer.model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    trainer.compute_loss(trainer.model, inputs).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    trainer.model.zero_grad(set_to_none=True)
+    return peak
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
+    model_dir = build_model(size, Path(args.model_cache).expanduser(), args.image_size)
+    trainers = make_trainers(model_dir, args, work_dir / f"run-{size}")
+    cppo, naive = trainers["cppo"], trainers["naive"]
+    rows = make_rows(args.prompts, args.image_size, args.seed)
+    n_params = sum(p.numel() for p in cppo.model.parameters())
+    logger.info("%s: %d params, %d rollouts per step", size, n_params, len(rows) * args.generations)
+
+    loss_t: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    memory: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    gen_t, view_t, naive_view_t, gated = [], [], [], []
+    clock = _CLOCKS[args.clock]
+    for step in range(args.steps + args.warmup):
+        batch = [dict(r) for r in rows for _ in range(args.generations)]  # TRL's sampler repeats each prompt G times
+        for trainer in trainers.values():
+            trainer.state.global_step = step
+        views_sink: list[float] = []
+        _sync(args.device)
+        start = clock()
+        with _timed_method(cppo, "_build_views", views_sink, clock), torch.no_grad():
+            inputs = cppo._generate_and_score_completions(batch)
+        _sync(args.device)
+        generation = clock() - start
+        # Naive views for every row, built from the same (RGB-normalised) rows, timed on their own.
+        from cppo_trl.trainer import _with_rgb_images
+
+        start = clock()
+        naive_views = naive._build_views([_with_rgb_images(r) for r in batch], inputs)
+        naive_build = clock() - start
+        f = cppo._cpl_rows(inputs).numel() / inputs["completion_ids"].size(0)
+
+        order = VARIANTS[step % 3 :] + VARIANTS[: step % 3]  # rotate so no variant always runs first
+        step_loss = {
+            name: _loss_phase(trainers[name], _variant_inputs(inputs, name, naive_views), args.device, clock)
+            for name in order
+        }
+        step_mem = {}
+        for name in order:
+            variant_inputs = _variant_inputs(inputs, name, naive_views)
+            if args.device == "cuda":
+                step_mem[name] = _cuda_peak(trainers[name], variant_inputs)
+            else:
+                step_mem[name] = _activation_bytes(trainers[name], variant_inputs)
+        logger.info(
+            "step %d: f=%.2f loss %s views %.3fs gen %.3fs",
+            step,
+            f,
+            {k: round(v, 3) for k, v in step_loss.items()},
+            sum(views_sink),
+            generation,
+        )
+        if step < args.warmup:
+            continue
+        gen_t.append(generation - sum(views_sink))
+        view_t.append(sum(views_sink))
+        naive_view_t.append(naive_build)
+        gated.append(f)
+        for name in VARIANTS:
+            loss_t[name].append(step_loss[name])
+            memory[name].append(step_mem[name])
+
+    f = _median(gated)
+    loss = {k: _median(v) for k, v in loss_t.items()}
+    # Whole step per variant, per step (generation shared), then the median of the per-step values.
+    whole = {
+        "grpo": _median([g + lg for g, lg in zip(gen_t, loss_t["grpo"], strict=True)]),
+        "cppo": _median([g + v + lc for g, v, lc in zip(gen_t, view_t, loss_t["cppo"], strict=True)]),
+        "naive": _median([g + v + ln for g, v, ln in zip(gen_t, naive_view_t, loss_t["naive"], strict=True)]),
+    }
+    mem = {k: _median(v) for k, v in memory.items()}
+    floor = 1 + 2 * f
+    result = {
+        "size": size,
+        "device": args.device,
+        "clock": args.clock,
+        "params": n_params,
+        "rows": len(rows) * args.generations,
+        "steps": args.steps,
+        "gated_fraction": f,
+        "loss_phase_s": loss,
+        "loss_phase_ratio": loss["cppo"] / loss["grpo"],
+        "naive_loss_phase_ratio": loss["naive"] / loss["grpo"],
+        "floor_1_plus_2f": floor,
+        "loss_phase_vs_floor": loss["cppo"] / loss["grpo"] / floor,
+        "whole_step_s": whole,
+        "whole_step_ratio": whole["cppo"] / whole["grpo"],
+        "naive_whole_step_ratio": whole["naive"] / whole["grpo"],
+        "generation_s": _median(gen_t),
+        "view_build_s": {"cppo": _median(view_t), "naive": _median(naive_view_t)},
+        "view_build_share": _median(view_t) / whole["cppo"],
+        "memory_kind": "cuda_peak_bytes" if args.device == "cuda" else "autograd_saved_activation_bytes",
+        "memory_bytes": mem,
+        "memory_ratio": mem["cppo"] / mem["grpo"],
+        "naive_memory_ratio": mem["naive"] / mem["grpo"],
+    }
+    del trainers
+    return result
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    header = (
+        "| size | params | rows | f (gated) | loss-phase GRPO s | CPPO/GRPO loss | floor 1+2f | naive/GRPO loss "
+        "| whole-step CPPO/GRPO | naive whole | view-build share | mem CPPO/GRPO | naive mem |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        lines.append(
+            f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['rows']} | {r['gated_fraction']:.2f} "
+            f"| {r['loss_phase_s']['grpo']:.3f} | {r['loss_phase_ratio']:.2f} | {r['floor_1_plus_2f']:.2f} "
+            f"| {r['naive_loss_phase_ratio']:.2f} | {r['whole_step_ratio']:.3f} | {r['naive_whole_step_ratio']:.3f} "
+            f"| {r['view_build_share']:.1%} | {r['memory_ratio']:.2f} | {r['naive_memory_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--sizes", default=None, help="comma list of tiny,small,3b (default: tiny,small on cpu, 3b on cuda)"
+    )
+    parser.add_argument("--steps", type=int, default=5, help="measured steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--completion-length", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--preset", choices=("paper", "released"), default="paper")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TRL's GRPOConfig default is on",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-cache", default="~/.cache/cppo_trl/bench_models")
+    parser.add_argument("--out", default="outputs/bench")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on cpu)")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default=None,
+        help="cpu = process CPU time (robust to other load on a shared CPU box; default on cpu), "
+        "wall = perf_counter (always on cuda)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON payload (also written to --out/bench.json and bench.md)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.device == "cuda":
+        args.clock = "wall"  # GPU work is asynchronous; CPU time would miss it
+    args.clock = args.clock or "cpu"
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    sizes = (args.sizes or ("3b" if args.device == "cuda" else "tiny,small")).split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cppo-bench-") as tmp:
+        for size in sizes:
+            results.append(bench_size(size, args, Path(tmp)))
+    payload = {
+        "config": dict(vars(args)),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "results": results,
+        "notes": {
+            "loss_phase": "compute_loss forward + backward on identical prepared inputs",
+            "whole_step": "generation + scoring (shared, measured once) + view building + loss phase",
+            "memory": results[0]["memory_kind"] if results else "",
+        },
+    }
+    for r in results:
+        for key in ("loss_phase_ratio", "whole_step_ratio", "memory_ratio"):
+            if not math.isfinite(r[key]):
+                logger.warning("%s: non-finite %s", r["size"], key)
+    (out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    table = markdown_table(results)
+    (out / "bench.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    return payload
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

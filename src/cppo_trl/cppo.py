@@ -1,0 +1,216 @@
+"""Train a vision-language model with CPPO: `accelerate launch -m cppo_trl.cppo --config recipes/.../config_*.yaml`.
+
+A thin open-r1 style script: the recipe YAML (or CLI flags, which override it) fills three dataclasses —
+`CPPOScriptArguments` (data, rewards, processor), `CPPOConfig` (trainer) and TRL's `ModelConfig` (model, LoRA) — and
+`main` wires them into `CPPOTrainer`. Everything a paper table needs is a recipe, not code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import transformers
+from transformers import AutoProcessor, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+
+from cppo_trl.config import CPPOConfig
+from cppo_trl.trainer import CPPOTrainer
+
+
+logger = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny:"
+VIRL39K_NAME = "TIGER-Lab/ViRL39K"
+GEOMETRY3K_NAME = "hiyouga/geometry3k"
+
+
+@dataclass
+class CPPOScriptArguments(ScriptArguments):
+    """TRL's script arguments plus what CPPO recipes need: dataset routing, reward names, processor limits.
+
+    `dataset_name` routes to a loader of `cppo_trl.data`: `"synthetic"` (offline generator), `"TIGER-Lab/ViRL39K"` or
+    a local ViRL39K folder, `"hiyouga/geometry3k"` or a local parquet with Geometry3K columns, else a local
+    jsonl/parquet with `prompt`/`images`/`solution`.
+    """
+
+    dataset_name: str | None = field(
+        default="synthetic",
+        metadata={
+            "help": "'synthetic', 'TIGER-Lab/ViRL39K' (or its local folder), 'hiyouga/geometry3k' (or a local "
+            "parquet of it), or a local jsonl/parquet file already in prompt/images/solution form."
+        },
+    )
+    synthetic_num_train: int = field(default=64, metadata={"help": "Rows of the synthetic train split."})
+    synthetic_num_test: int = field(default=16, metadata={"help": "Rows of the synthetic test split."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy", "format"],
+        metadata={
+            "help": "Reward registry names (cppo_trl.rewards.REWARD_FUNCS); weights are CPPOConfig.reward_weights."
+        },
+    )
+    prompt_suffix: str | None = field(
+        default=None, metadata={"help": "Instruction appended to every question; None keeps the loader's default."}
+    )
+    tiny_model_family: str = field(
+        default="qwen2_5_vl",
+        metadata={
+            "help": "Family of the offline random model built when model_name_or_path is 'tiny' ('tiny:<family>' "
+            "names the family itself). For tests and the CPU recipe."
+        },
+    )
+    min_pixels: int | None = field(default=None, metadata={"help": "Qwen processor min_pixels (None: processor's)."})
+    max_pixels: int | None = field(default=None, metadata={"help": "Qwen processor max_pixels (None: processor's)."})
+
+
+def resolve_model_path(model_name_or_path: str, family: str) -> str:
+    """`tiny` / `tiny:<family>` → a tiny random VLM built (once, cached) on disk; anything else is returned as is."""
+    if model_name_or_path == "tiny" or model_name_or_path.startswith(TINY_PREFIX):
+        from cppo_trl.testing import build_tiny_vlm
+
+        return str(build_tiny_vlm(family=model_name_or_path[len(TINY_PREFIX) :] or family))
+    return model_name_or_path
+
+
+def load_split(script_args: CPPOScriptArguments, split: str, seed: int) -> datasets.Dataset:
+    """Routes `dataset_name` to its `cppo_trl.data` loader and returns one split in prompt/images/solution form."""
+    from cppo_trl import data
+
+    name = script_args.dataset_name
+    suffix = {} if script_args.prompt_suffix is None else {"prompt_suffix": script_args.prompt_suffix}
+    if name == "synthetic":
+        num = {"num_train": script_args.synthetic_num_train, "num_test": script_args.synthetic_num_test}
+        splits = data.make_synthetic_splits(**num, seed=seed, **suffix)
+        return splits["train" if split == script_args.dataset_train_split else "test"]
+    if name == VIRL39K_NAME or (os.path.isdir(name) and "virl" in name.lower()):
+        return data.load_virl39k(name, split=split, **suffix)
+    if name == GEOMETRY3K_NAME or "geometry3k" in name.lower():
+        return data.load_geometry3k(name, split=split, **suffix)
+    return data.load_local(name, **suffix)
+
+
+def main(
+    script_args: CPPOScriptArguments, training_args: CPPOConfig, model_args: ModelConfig, recipe: str | None = None
+):
+    """Runs one CPPO training job; `recipe` (the YAML path) is recorded in the model card."""
+    # ---- Logging: one format for every library, verbosity from the trainer's log_level
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.info("Model %s | Script %s", model_args, script_args)
+    logger.info("Training %s", training_args)
+
+    # ---- Seed: before the dataset and model, so synthetic data and LoRA init are reproducible
+    set_seed(training_args.seed)
+
+    # ---- Checkpoint: resume when asked, or when output_dir already holds one and overwrite is not requested
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir):
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume in (None, False, "false", "False") and last_checkpoint is not None:
+        if not getattr(training_args, "overwrite_output_dir", False):
+            resume = last_checkpoint
+    elif resume in (True, "true", "True"):
+        resume = last_checkpoint
+    if resume:
+        logger.info("Resuming training from checkpoint %s", resume)
+
+    # ---- Dataset
+    train_dataset = load_split(script_args, script_args.dataset_train_split, training_args.seed)
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = load_split(script_args, script_args.dataset_test_split, training_args.seed)
+
+    # ---- Processor: left padding, as generation appends on the right; Qwen pixel limits when given
+    model_path = resolve_model_path(model_args.model_name_or_path, script_args.tiny_model_family)
+    processor_kwargs = {k: getattr(script_args, k) for k in ("min_pixels", "max_pixels") if getattr(script_args, k)}
+    processor = AutoProcessor.from_pretrained(
+        model_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        padding_side="left",
+        **processor_kwargs,
+    )
+
+    # ---- Model: loaded by the trainer from the path with these kwargs (it reloads the reference model the same way)
+    training_args.model_init_kwargs = {
+        **(training_args.model_init_kwargs or {}),
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+
+    # ---- Rewards: registry names → functions; weights live in CPPOConfig.reward_weights
+    from cppo_trl.rewards import get_reward_funcs
+
+    reward_funcs = get_reward_funcs(script_args.reward_funcs)
+
+    # ---- Trainer
+    trainer = CPPOTrainer(
+        model=model_path,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=get_peft_config(model_args),
+    )
+
+    # ---- Train
+    train_result = trainer.train(resume_from_checkpoint=resume or None)
+    metrics = train_result.metrics
+    metrics["train_samples"] = len(train_dataset)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    # ---- Save model and model card (main process only); the card names the method, paper and recipe
+    trainer.save_model(training_args.output_dir)
+    logger.info("Model saved to %s", training_args.output_dir)
+    tags = ["cppo"] + ([f"recipe:{recipe}"] if recipe else [])
+    if trainer.accelerator.is_main_process:
+        trainer.create_model_card(dataset_name=script_args.dataset_name, tags=tags)
+
+    # ---- Evaluate
+    if eval_dataset is not None and training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    # ---- Push to the Hub
+    if training_args.push_to_hub:
+        logger.info("Pushing to the Hub")
+        trainer.push_to_hub(dataset_name=script_args.dataset_name, tags=tags)
+
+
+def make_parser() -> TrlParser:
+    """The parser every recipe must go through (tests/test_recipes.py parses each one with it)."""
+    return TrlParser((CPPOScriptArguments, CPPOConfig, ModelConfig))
+
+
+def _recipe_path(argv: list[str]) -> str | None:
+    return argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Console entry point (`cppo-train --config recipe.yaml [--flag value ...]`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    main(script_args, training_args, model_args, recipe=_recipe_path(argv))
+
+
+if __name__ == "__main__":
+    cli()

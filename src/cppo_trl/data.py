@@ -1,0 +1,537 @@
+"""Datasets in TRL's conversational vision format, plus the synthetic perception task of the offline demo.
+
+Every loader returns a `datasets.Dataset` with
+- `prompt`: `[{"role": "user", "content": [...]}]` (after an optional system message), where the content holds a
+  `{"type": "image"}` part exactly where the source text had an `<image>` placeholder and `{"type": "text"}` parts
+  between them. Without placeholders, images come first, then the text (TRL's own convention);
+- `images`: the row's images, a `List(Image(mode="RGB"))` feature. Images are stored as file paths (or as the
+  encoded bytes the source already embeds) and decoded only when a row is accessed, so a 39k-row dataset does not
+  hold decoded images in RAM;
+- `solution`: the ground truth as the reward functions of `cppo_trl.rewards` read it.
+
+All loaders share `convert_rows`, which validates every row (placeholder count, every image opens and decodes) and
+either raises or drops invalid rows with a logged count per reason (`on_invalid`).
+"""
+
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import zipfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import pyarrow.parquet as pq
+from huggingface_hub import snapshot_download
+from PIL import Image as PILImage
+from PIL import ImageDraw
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT_SUFFIX = (
+    " You FIRST think about the reasoning process as an internal monologue and then provide the final answer. "
+    "The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in \\boxed{}."
+)
+IMAGE_PLACEHOLDER = "<image>"
+
+OnInvalid = Literal["raise", "skip"]
+
+_TEXT_PART = {"type": datasets.Value("string"), "text": datasets.Value("string")}
+FEATURES = datasets.Features(
+    {
+        "prompt": datasets.List({"role": datasets.Value("string"), "content": datasets.List(_TEXT_PART)}),
+        "images": datasets.List(datasets.Image(mode="RGB")),
+        "solution": datasets.Value("string"),
+    }
+)
+
+
+class _InvalidRow(Exception):
+    """A row that fails validation; `reason` is the key of the skip counts."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def build_prompt(
+    question: str,
+    num_images: int,
+    prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX,
+    system_prompt: str | None = None,
+) -> list[dict[str, Any]]:
+    """Turn a question with `<image>` placeholders into TRL conversational messages with image parts in place.
+
+    Raises ValueError when the text has placeholders but not exactly `num_images` of them.
+    """
+    segments = question.split(IMAGE_PLACEHOLDER)
+    num_placeholders = len(segments) - 1
+    if num_placeholders and num_placeholders != num_images:
+        raise ValueError(f"{num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} image(s)")
+    if not num_placeholders:
+        segments = [""] * num_images + [question]
+    content: list[dict[str, str]] = []
+    for position, segment in enumerate(segments):
+        if position:
+            content.append({"type": "image"})
+        if segment.strip():
+            content.append({"type": "text", "text": segment})
+    if prompt_suffix:
+        text_parts = [part for part in content if part["type"] == "text"]
+        if text_parts:
+            text_parts[-1]["text"] += prompt_suffix
+        else:
+            content.append({"type": "text", "text": prompt_suffix.lstrip()})
+    messages = [{"role": "user", "content": content}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    return messages
+
+
+def _encode_image(source: Any, image_root: Path | None) -> dict[str, Any]:
+    """Normalise an image value (path, `{"bytes", "path"}` dict, bytes or PIL image) to the `Image` feature's dict."""
+    if isinstance(source, dict):
+        if source.get("bytes"):
+            return {"path": None, "bytes": source["bytes"]}
+        source = source.get("path")
+    if isinstance(source, bytes | bytearray):
+        return {"path": None, "bytes": bytes(source)}
+    if isinstance(source, PILImage.Image):
+        return datasets.Image().encode_example(source)
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        if not path.is_absolute() and image_root is not None:
+            path = image_root / path
+        return {"path": str(path.absolute()), "bytes": None}
+    raise _InvalidRow("unreadable_image", f"unsupported image value of type {type(source).__name__}")
+
+
+def _check_image(encoded: dict[str, Any], position: int) -> None:
+    """Open and fully decode one image so that a broken file fails here, not in the middle of training."""
+    if encoded["bytes"] is None and not Path(encoded["path"]).is_file():
+        raise _InvalidRow("missing_image", f"image {position} not found: {encoded['path']}")
+    try:
+        with PILImage.open(io.BytesIO(encoded["bytes"]) if encoded["bytes"] is not None else encoded["path"]) as image:
+            image.load()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... depending on the codec
+        where = encoded["path"] or "embedded bytes"
+        raise _InvalidRow("unreadable_image", f"image {position} ({where}) cannot be decoded: {error}") from error
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def convert_rows(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    question_column: str = "question",
+    answer_column: str = "answer",
+    image_column: str = "image",
+    image_root: str | os.PathLike | None = None,
+    id_column: str | None = None,
+    keep_columns: Sequence[str] = (),
+    prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX,
+    system_prompt: str | None = None,
+    on_invalid: OnInvalid = "raise",
+    max_images: int | None = None,
+    num_workers: int = 8,
+) -> datasets.Dataset:
+    """Validate source rows and convert them to `prompt` / `images` / `solution` (+ `keep_columns`).
+
+    A row is invalid when its answer is empty, it has no image, its `<image>` placeholders do not match its images,
+    or an image is missing or does not decode. `on_invalid="raise"` raises a ValueError naming the row;
+    `"skip"` drops it and logs the number of dropped rows per reason. `max_images` drops (and logs) rows with more
+    images, as the released CPPO code does with multi-image rows. Images are checked in `num_workers` threads.
+    """
+    if on_invalid not in ("raise", "skip"):
+        raise ValueError(f"on_invalid must be 'raise' or 'skip', got {on_invalid!r}")
+    rows = list(rows)
+    required = [question_column, answer_column, image_column, *keep_columns] + ([id_column] if id_column else [])
+    missing_columns = [column for column in required if rows and column not in rows[0]]
+    if missing_columns:
+        raise ValueError(f"Columns {missing_columns} not found; available columns: {sorted(rows[0])}")
+    root = Path(image_root) if image_root is not None else None
+
+    if max_images is not None:
+        kept = [(index, row) for index, row in enumerate(rows) if len(_as_list(row[image_column])) <= max_images]
+        if len(kept) < len(rows):
+            logger.warning(
+                "Dropped %d of %d rows with more than %d image(s)", len(rows) - len(kept), len(rows), max_images
+            )
+    else:
+        kept = list(enumerate(rows))
+
+    def convert(item: tuple[int, Mapping[str, Any]]) -> dict[str, Any] | tuple[int, _InvalidRow]:
+        index, row = item
+        try:
+            answer = row[answer_column]
+            if answer is None or not str(answer).strip():
+                raise _InvalidRow("missing_answer", f"empty {answer_column!r}")
+            images = [_encode_image(source, root) for source in _as_list(row[image_column])]
+            if not images:
+                raise _InvalidRow("no_images", f"no image in {image_column!r}")
+            try:
+                prompt = build_prompt(str(row[question_column] or ""), len(images), prompt_suffix, system_prompt)
+            except ValueError as error:
+                raise _InvalidRow("placeholder_mismatch", str(error)) from error
+            for position, encoded in enumerate(images):
+                _check_image(encoded, position)
+        except _InvalidRow as invalid:
+            return index, invalid
+        converted = {"prompt": prompt, "images": images, "solution": str(answer).strip()}
+        converted.update({column: row[column] for column in keep_columns})
+        return converted
+
+    columns: dict[str, list[Any]] = {name: [] for name in [*FEATURES, *keep_columns]}
+    skipped: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, num_workers))
+    try:
+        for result in pool.map(convert, kept):
+            if isinstance(result, dict):
+                for name, value in result.items():
+                    columns[name].append(value)
+                continue
+            index, invalid = result
+            label = f"row {index}" + (f" ({id_column}={rows[index][id_column]!r})" if id_column else "")
+            if on_invalid == "raise":
+                raise ValueError(f"Invalid {label}: {invalid} [{invalid.reason}]")
+            skipped[invalid.reason] += 1
+            examples.setdefault(invalid.reason, f"{label}: {invalid}")
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+    if skipped:
+        logger.warning(
+            "Skipped %d of %d rows (on_invalid='skip'): %s",
+            sum(skipped.values()),
+            len(kept),
+            "; ".join(f"{reason}: {count} (e.g. {examples[reason]})" for reason, count in sorted(skipped.items())),
+        )
+    dataset = datasets.Dataset.from_dict({name: columns[name] for name in FEATURES}, features=FEATURES)
+    for column in keep_columns:
+        dataset = dataset.add_column(column, columns[column])
+    return dataset
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """Rows of a parquet, JSON-lines or JSON (list of objects) file."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    if suffix == ".json":
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of objects, got {type(records).__name__}")
+        return records
+    raise ValueError(f"{path}: unsupported file type {suffix!r} (expected .parquet, .jsonl or .json)")
+
+
+def load_local(
+    path: str | os.PathLike,
+    question_column: str = "question",
+    answer_column: str = "answer",
+    image_column: str = "image",
+    image_root: str | os.PathLike | None = None,
+    *,
+    id_column: str | None = None,
+    keep_columns: Sequence[str] = (),
+    prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX,
+    system_prompt: str | None = None,
+    on_invalid: OnInvalid = "raise",
+    max_images: int | None = None,
+    num_workers: int = 8,
+) -> datasets.Dataset:
+    """Load a local JSONL / JSON / parquet file whose image column holds paths (str or list) or embedded bytes.
+
+    Relative image paths resolve against `image_root`, by default the file's folder.
+    """
+    path = Path(path)
+    return convert_rows(
+        _read_records(path),
+        question_column=question_column,
+        answer_column=answer_column,
+        image_column=image_column,
+        image_root=image_root if image_root is not None else path.parent,
+        id_column=id_column,
+        keep_columns=keep_columns,
+        prompt_suffix=prompt_suffix,
+        system_prompt=system_prompt,
+        on_invalid=on_invalid,
+        max_images=max_images,
+        num_workers=num_workers,
+    )
+
+
+def _extract_images_once(zip_path: Path, target: Path) -> None:
+    """Extract `images.zip` into `target/images` through a staging folder, so an interrupted run leaves no half folder.
+
+    Reading members straight from the zip (e.g. `zip://...::images.zip` paths) re-parses the 39k-entry central
+    directory on every access (about a second per image), so the images are extracted once instead.
+    """
+    staging = target / ".images.extracting"
+    shutil.rmtree(staging, ignore_errors=True)
+    logger.info("Extracting %s into %s (done once)", zip_path, target / "images")
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(staging)
+    (staging / "images" if (staging / "images").is_dir() else staging).rename(target / "images")
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_virl39k(
+    path_or_id: str | os.PathLike = "TIGER-Lab/ViRL39K",
+    split: str = "train",
+    *,
+    extract_dir: str | os.PathLike | None = None,
+    prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX,
+    system_prompt: str | None = None,
+    on_invalid: OnInvalid = "raise",
+    max_images: int | None = None,
+    num_workers: int = 8,
+) -> datasets.Dataset:
+    """Load ViRL39K from the Hub (snapshot download) or a local folder with `39Krelease.parquet` and images.
+
+    Images come from the folder's `images/` if present, else `images.zip` is extracted once into
+    `extract_dir/images` (default: the dataset folder; pass `extract_dir` when that folder is read-only).
+    ViRL39K ships a single split, so only `split="train"` exists. Keeps `qid`, `category` and `source`.
+    Pass `max_images=1` to drop multi-image rows like the released CPPO code.
+    """
+    if split != "train":
+        raise ValueError(f"ViRL39K has a single 'train' split, got {split!r}")
+    folder = Path(path_or_id)
+    if not folder.exists():
+        folder = Path(snapshot_download(repo_id=str(path_or_id), repo_type="dataset"))
+    parquet = folder / "39Krelease.parquet"
+    if not parquet.is_file():
+        raise FileNotFoundError(f"{parquet} not found")
+    root = folder
+    if not (folder / "images").is_dir():
+        zip_path = folder / "images.zip"
+        if not zip_path.is_file():
+            raise FileNotFoundError(f"Neither {folder / 'images'} nor {zip_path} exists")
+        root = Path(extract_dir) if extract_dir is not None else folder
+        if not (root / "images").is_dir():
+            root.mkdir(parents=True, exist_ok=True)
+            _extract_images_once(zip_path, root)
+    records = _read_records(parquet)
+    first = next((paths[0] for paths in (_as_list(r.get("image")) for r in records) if paths), None)
+    if first is not None and not (root / first).exists() and (root / "images" / first).exists():
+        root = root / "images"  # paths given relative to the images folder rather than the dataset folder
+    return convert_rows(
+        records,
+        question_column="question",
+        answer_column="answer",
+        image_column="image",
+        image_root=root,
+        id_column="qid",
+        keep_columns=("qid", "category", "source"),
+        prompt_suffix=prompt_suffix,
+        system_prompt=system_prompt,
+        on_invalid=on_invalid,
+        max_images=max_images,
+        num_workers=num_workers,
+    )
+
+
+def _parquet_split_files(path: Path, split: str) -> list[Path]:
+    """Parquet files of one split in a Hub-style folder (`data/train-00000-of-00001.parquet`, `train.parquet`)."""
+    if path.is_file():
+        return [path]
+    files = sorted(f for f in path.rglob("*.parquet") if f.stem == split or f.name.startswith(f"{split}-"))
+    if not files:
+        found = sorted(str(f.relative_to(path)) for f in path.rglob("*.parquet"))
+        raise FileNotFoundError(f"No parquet file for split {split!r} under {path}; found {found}")
+    return files
+
+
+def load_geometry3k(
+    path_or_id: str | os.PathLike = "hiyouga/geometry3k",
+    split: str = "train",
+    *,
+    prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX,
+    system_prompt: str | None = None,
+    on_invalid: OnInvalid = "raise",
+    num_workers: int = 8,
+) -> datasets.Dataset:
+    """Load Geometry3K (`images`, `problem`, `answer`) from the Hub or a local parquet file / folder.
+
+    For a single local file `split` is ignored; for a folder it selects the files named after the split.
+    """
+    path = Path(path_or_id)
+    if path.exists():
+        rows: Iterable[Mapping[str, Any]] = [
+            record for file in _parquet_split_files(path, split) for record in _read_records(file)
+        ]
+        image_root = path if path.is_dir() else path.parent
+    else:
+        hub_dataset = datasets.load_dataset(str(path_or_id), split=split)
+        # Raw {"bytes", "path"} dicts: validation decodes them itself and the result keeps the encoded bytes.
+        rows = hub_dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
+        image_root = None
+    return convert_rows(
+        rows,
+        question_column="problem",
+        answer_column="answer",
+        image_column="images",
+        image_root=image_root,
+        prompt_suffix=prompt_suffix,
+        system_prompt=system_prompt,
+        on_invalid=on_invalid,
+        num_workers=num_workers,
+    )
+
+
+# --- synthetic perception task ----------------------------------------------------------------------------------
+
+SYNTHETIC_TASKS = ("color", "count", "position", "digit")
+SYNTHETIC_COLORS = {"red": (220, 20, 20), "green": (20, 160, 40), "blue": (20, 60, 220), "yellow": (235, 200, 0)}
+_SYNTHETIC_QUESTIONS = {
+    "color": "What is the color of the shapes in the image? Answer with one word: red, green, blue or yellow.",
+    "count": "How many shapes are in the image? Answer with a single number.",
+    "horizontal": "In which half of the image is the shape, horizontally? Answer with left or right.",
+    "vertical": "In which half of the image is the shape, vertically? Answer with top or bottom.",
+    "digit": "Which digit is drawn in the image? Answer with a single digit from 0 to 9.",
+}
+# Seven-segment layout: a top, b top-right, c bottom-right, d bottom, e bottom-left, f top-left, g middle.
+_DIGIT_SEGMENTS = {
+    "0": "abcdef",
+    "1": "bc",
+    "2": "abged",
+    "3": "abgcd",
+    "4": "fgbc",
+    "5": "afgcd",
+    "6": "afgedc",
+    "7": "abc",
+    "8": "abcdefg",
+    "9": "abcdfg",
+}
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, center: tuple[float, float], radius: float, color) -> None:
+    x, y = center
+    box = (x - radius, y - radius, x + radius, y + radius)
+    if kind == "circle":
+        draw.ellipse(box, fill=color)
+    elif kind == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([(x, y - radius), (x + radius, y + radius), (x - radius, y + radius)], fill=color)
+
+
+def _grid_shapes(draw: ImageDraw.ImageDraw, rng: random.Random, size: int, colors: list[tuple[int, int, int]]) -> None:
+    """Draw one shape per colour in distinct cells of a 3x3 grid, so shapes never overlap and stay countable."""
+    cell = size / 3
+    for slot, color in zip(rng.sample(range(9), len(colors)), colors, strict=True):
+        center = ((slot % 3 + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell, (slot // 3 + 0.5) * cell)
+        _draw_shape(draw, rng.choice(("circle", "square", "triangle")), center, cell * rng.uniform(0.28, 0.38), color)
+
+
+def _draw_digit(draw: ImageDraw.ImageDraw, rng: random.Random, size: int, digit: str) -> None:
+    width, height, thick = size * 0.4, size * 0.7, max(3.0, size * 0.09)
+    x0 = (size - width) / 2 + rng.uniform(-0.08, 0.08) * size
+    y0 = (size - height) / 2 + rng.uniform(-0.05, 0.05) * size
+    mid = y0 + height / 2
+    boxes = {
+        "a": (x0, y0, x0 + width, y0 + thick),
+        "b": (x0 + width - thick, y0, x0 + width, mid),
+        "c": (x0 + width - thick, mid, x0 + width, y0 + height),
+        "d": (x0, y0 + height - thick, x0 + width, y0 + height),
+        "e": (x0, mid, x0 + thick, y0 + height),
+        "f": (x0, y0, x0 + thick, mid),
+        "g": (x0, mid - thick / 2, x0 + width, mid + thick / 2),
+    }
+    ink = (rng.randint(0, 60),) * 3
+    for segment in _DIGIT_SEGMENTS[digit]:
+        draw.rectangle(boxes[segment], fill=ink)
+
+
+def _synthetic_row(rng: random.Random, task: str, size: int) -> dict[str, Any]:
+    """One image whose answer can only be read from the pixels; the question is the same for every answer."""
+    shade = rng.randint(225, 255)
+    image = PILImage.new("RGB", (size, size), (shade, shade, shade))
+    draw = ImageDraw.Draw(image)
+    question_key = task
+    if task == "color":
+        answer = rng.choice(list(SYNTHETIC_COLORS))
+        _grid_shapes(draw, rng, size, [SYNTHETIC_COLORS[answer]] * rng.randint(1, 3))
+    elif task == "count":
+        answer = str(rng.randint(1, 4))
+        _grid_shapes(draw, rng, size, [rng.choice(list(SYNTHETIC_COLORS.values())) for _ in range(int(answer))])
+    elif task == "position":
+        question_key = rng.choice(("horizontal", "vertical"))
+        answer = rng.choice(("left", "right") if question_key == "horizontal" else ("top", "bottom"))
+        radius = size * 0.12
+        along = rng.uniform(radius + 2, size / 2 - radius - 2)
+        if answer in ("right", "bottom"):
+            along = size - along
+        across = rng.uniform(radius + 2, size - radius - 2)
+        center = (along, across) if question_key == "horizontal" else (across, along)
+        color = rng.choice(list(SYNTHETIC_COLORS.values()))
+        _draw_shape(draw, rng.choice(("circle", "square", "triangle")), center, radius, color)
+    else:
+        answer = str(rng.randint(0, 9))
+        _draw_digit(draw, rng, size, answer)
+    return {"question": _SYNTHETIC_QUESTIONS[question_key], "answer": answer, "image": image, "task": task}
+
+
+def _synthetic_dataset(
+    num_samples: int,
+    rng: random.Random,
+    image_size: int,
+    tasks: Sequence[str],
+    prompt_suffix: str | None,
+    system_prompt: str | None,
+) -> datasets.Dataset:
+    unknown = sorted(set(tasks) - set(SYNTHETIC_TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"Unknown or empty synthetic tasks {unknown or list(tasks)}; valid: {list(SYNTHETIC_TASKS)}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
+    rows = [_synthetic_row(rng, tasks[index % len(tasks)], image_size) for index in range(num_samples)]
+    return convert_rows(rows, keep_columns=("task",), prompt_suffix=prompt_suffix, system_prompt=system_prompt)
+
+
+def make_synthetic_perception_dataset(
+    num_samples: int,
+    seed: int = 0,
+    image_size: int = 112,
+    tasks: Sequence[str] = SYNTHETIC_TASKS,
+    prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX,
+    system_prompt: str | None = None,
+) -> datasets.Dataset:
+    """Generate the offline demo task: colour, count (1-4), position or a seven-segment digit, read off the image.
+
+    Tasks alternate row by row; answers are drawn uniformly, so the small answer sets give an untrained policy some
+    hits (reward variance). Deterministic for a seed; adds a `task` column.
+    """
+    return _synthetic_dataset(num_samples, random.Random(seed), image_size, tasks, prompt_suffix, system_prompt)
+
+
+def make_synthetic_splits(
+    num_train: int,
+    num_test: int,
+    seed: int = 0,
+    image_size: int = 112,
+    tasks: Sequence[str] = SYNTHETIC_TASKS,
+    prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX,
+    system_prompt: str | None = None,
+) -> datasets.DatasetDict:
+    """Train/test splits drawn from one random stream: `train` equals `make_synthetic_perception_dataset(num_train,
+    seed)` and `test` continues the stream, so the splits never replay the same draws."""
+    rng = random.Random(seed)
+    train = _synthetic_dataset(num_train, rng, image_size, tasks, prompt_suffix, system_prompt)
+    test = _synthetic_dataset(num_test, rng, image_size, tasks, prompt_suffix, system_prompt)
+    return datasets.DatasetDict({"train": train, "test": test})

@@ -1,0 +1,77 @@
+"""Fails loudly when a TRL hook CPPOTrainer overrides or relies on changes (signatures and the behaviour used)."""
+
+import inspect
+
+from trl import GRPOTrainer
+from trl.trainer import utils as trl_utils
+
+from cppo_trl import CPPOTrainer
+
+
+def params(func):
+    return list(inspect.signature(func).parameters)
+
+
+def test_overridden_hook_signatures():
+    assert params(GRPOTrainer._generate_and_score_completions) == ["self", "inputs"]
+    assert params(GRPOTrainer._compute_loss) == ["self", "model", "inputs"]
+    assert params(GRPOTrainer._generate) == ["self", "prompts"]
+    assert params(GRPOTrainer._get_per_token_logps_and_entropies) == [
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+        "compute_aux_loss",
+        "pixel_values",
+        "image_grid_thw",
+        "num_images",
+        "pixel_attention_mask",
+        "spatial_shapes",
+        "num_tiles",
+        "image_sizes",
+        "token_type_ids",
+        "mm_token_type_ids",
+        "image_position_ids",
+    ]
+
+
+def test_compute_loss_takes_the_anchor_from_exactly_one_policy_pass():
+    """CPPO captures the anchor from the first `_get_per_token_logps_and_entropies` call inside `_compute_loss`."""
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    assert source.count("self._get_per_token_logps_and_entropies(") == 1
+    assert "compute_entropy=True" in source
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"):
+        assert f'"{loss_type}"' in source, f"loss_type {loss_type} changed: re-check CPPO's CPL normalisers"
+    assert "self.current_gradient_accumulation_steps / self.args.steps_per_generation" in source
+
+
+def test_generation_batch_layout_cppo_relies_on():
+    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    for key in ('"advantages"', '"num_images"', '"prompt_ids"', '"prompt_mask"', '"num_items_in_batch"'):
+        assert key in source
+    assert "prompt_inputs = self.processing_class(images=images, text=prompts_text" in source
+    prepare = inspect.getsource(GRPOTrainer._prepare_inputs)
+    assert "shuffle_sequence_dict" in prepare and "split_tensor_dict" in prepare
+    # A per-sample list is permuted and sliced with the rows (the view storage depends on it).
+    assert "return [v[i] for i in permutation]" in inspect.getsource(trl_utils.shuffle_sequence_dict)
+    assert "isinstance(tensor, list)" in inspect.getsource(trl_utils.split_tensor_dict)
+
+
+def test_fused_head_runs_base_model_then_scales_softcaps_and_tempers():
+    source = inspect.getsource(trl_utils.add_fused_lm_head)
+    assert 'backbone_attr = "base_model"' in source
+    from trl.kernels import chunked_logprob
+
+    transform = inspect.getsource(chunked_logprob._torch_transform)
+    assert "z * logit_scale" in transform and "softcap * torch.tanh(z / softcap)" in transform
+    assert "z * inv_t" in transform
+
+
+def test_trainer_identity_for_the_model_card():
+    assert CPPOTrainer._name == "CPPO"
+    assert "cppo" in CPPOTrainer._tag_names
+    assert "Contrastive Perception" in CPPOTrainer._paper["title"]
+    assert "@article" in CPPOTrainer._paper["citation"]
