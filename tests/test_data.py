@@ -5,6 +5,7 @@ import re
 import zipfile
 from collections import Counter, defaultdict
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 from trl.data_utils import is_conversational, prepare_multimodal_messages
 
+import cppo_trl.data as data_module
 from cppo_trl.data import (
     DEFAULT_PROMPT_SUFFIX,
     SYNTHETIC_COLORS,
@@ -380,10 +382,6 @@ def test_synthetic_splits_and_reward(synthetic):
 
 def test_hub_code_paths_with_stubbed_downloads(virl_folder, tmp_path, monkeypatch):
     """The Hub branches (no local path) go through snapshot_download / load_dataset; stub them with local data."""
-    import datasets
-
-    import cppo_trl.data as data_module
-
     calls = []
 
     def fake_snapshot_download(repo_id, repo_type):
