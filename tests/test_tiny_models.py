@@ -134,24 +134,24 @@ def _length_reward(completions, **kwargs):
 def _grpo_args(output_dir, **overrides):
     from trl import GRPOConfig
 
-    kwargs = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=2,
-        num_generations=2,
-        max_completion_length=8,
-        max_steps=1,
-        bf16=False,
+    kwargs = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 2,
+        "num_generations": 2,
+        "max_completion_length": 8,
+        "max_steps": 1,
+        "bf16": False,
         # TRL defaults to checkpointing on; `activation_checkpointing` is the transformers-5 name (the old
         # `gradient_checkpointing` still works but warns).
-        activation_checkpointing=False,
-        report_to="none",
-        use_cpu=True,
-        logging_steps=1,
-        beta=0.0,
-        learning_rate=1e-2,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+        "activation_checkpointing": False,
+        "report_to": "none",
+        "use_cpu": True,
+        "logging_steps": 1,
+        "beta": 0.0,
+        "learning_rate": 1e-2,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
     kwargs.update(overrides)
     return GRPOConfig(**kwargs)
 
@@ -179,8 +179,8 @@ def test_grpo_step_updates_parameters(family, tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
 def test_grpo_step_with_trl_defaults(family, tiny_dir, tmp_path):
-    """TRL's defaults (activation checkpointing) plus a KL term, which reloads the reference model from the folder."""
-    args = _grpo_args(tmp_path, activation_checkpointing=None, beta=0.04)
+    """TRL's default activation checkpointing plus a KL term, which reloads the reference model from the folder."""
+    args = _grpo_args(tmp_path, activation_checkpointing=True, beta=0.04)
     trainer, changed, _ = _train_one_step(tiny_dir(family), args)
     assert trainer.args.gradient_checkpointing
     assert trainer.ref_model is not None

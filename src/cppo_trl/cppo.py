@@ -115,18 +115,21 @@ def main(
     # ---- Seed: before the dataset and model, so synthetic data and LoRA init are reproducible
     set_seed(training_args.seed)
 
-    # ---- Checkpoint: resume when asked, or when output_dir already holds one and overwrite is not requested
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    # ---- Checkpoint: an explicit path wins; `true` (or nothing, when output_dir already holds one) takes the last
+    last_checkpoint = (
+        get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    )
     resume = training_args.resume_from_checkpoint
-    if resume in (None, False, "false", "False") and last_checkpoint is not None:
-        if not getattr(training_args, "overwrite_output_dir", False):
-            resume = last_checkpoint
-    elif resume in (True, "true", "True"):
+    if str(resume).lower() in ("none", "true"):
         resume = last_checkpoint
+    elif str(resume).lower() == "false":
+        resume = None
     if resume:
         logger.info("Resuming training from checkpoint %s", resume)
+    elif training_args.resume_from_checkpoint not in (None, False, "false", "False"):
+        logger.warning(
+            "resume_from_checkpoint=true but %s has no checkpoint: training from scratch", training_args.output_dir
+        )
 
     # ---- Dataset
     train_dataset = load_split(script_args, script_args.dataset_train_split, training_args.seed)

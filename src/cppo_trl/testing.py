@@ -673,7 +673,7 @@ def _build_into(folder: Path, family: str, seed: int, image_size: int) -> None:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("built tiny %s (%d params, vocab %d) in %s", family, n_params, len(tokenizer), folder)
+    logger.info("built tiny %s: %d params, vocab %d", family, n_params, len(tokenizer))
 
 
 def build_tiny_vlm(
@@ -693,6 +693,9 @@ def build_tiny_vlm(
     """
     if family not in _FAMILIES:
         raise ValueError(f"unknown tiny VLM family {family!r}; choose one of {TINY_VLM_FAMILIES}")
+    if image_size < 56 or image_size % 28:
+        # 14-px patches merged 2x2: other sizes would leave partial patches and mismatched token counts.
+        raise ValueError(f"image_size must be a multiple of 28 and at least 56, got {image_size}")
     folder = Path(output_dir) if output_dir is not None else default_cache_dir() / f"{family}-s{seed}-px{image_size}"
     folder = folder.expanduser().resolve()
     expected = _marker(family, seed, image_size)
@@ -711,15 +714,20 @@ def build_tiny_vlm(
         _build_into(tmp, family, seed, image_size)
         (tmp / _MARKER_FILE).write_text(json.dumps(expected, indent=2) + "\n", encoding="utf-8")
         if folder.exists():
+            if not overwrite and _read_marker(folder) == expected:
+                # A concurrent build finished first; keep its folder (someone may already be reading it).
+                shutil.rmtree(tmp)
+                return folder
             shutil.rmtree(folder)
         try:
             tmp.rename(folder)
         except OSError:
-            # A concurrent build won the race; use its folder if it matches.
+            # A concurrent build won the race between rmtree and rename; use its folder if it matches.
             if _read_marker(folder) != expected:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    logger.info("tiny %s ready in %s", family, folder)
     return folder
