@@ -57,7 +57,7 @@ def field_defaults() -> dict:
 
 
 def test_recipes_found():
-    assert len(RECIPES) == 11, [rel(p) for p in RECIPES]
+    assert len(RECIPES) == 12, [rel(p) for p in RECIPES]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=rel)

@@ -260,3 +260,34 @@ def test_text_only_prompt_in_batch_gets_no_cpl(tiny_qwen, tmp_path):
     assert inputs[VIEWS_KEY][4:] == [None] * 4  # the text-only prompt's rollouts
     loss, _ = loss_and_grads(trainer, copy.copy(inputs))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("divergence", ["full", "k3"])
+def test_nonfinite_view_skips_cpl_and_keeps_weights_finite(tiny_qwen, tmp_path, monkeypatch, divergence):
+    trainer = make_trainer(tiny_qwen, tmp_path, cpl_divergence=divergence, advantage_gating=False)
+    inputs = generation_batch(trainer)
+    original = CPPOTrainer._view_pass
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.logps = out.logps * float("nan")
+        if out.hidden is not None:
+            out.hidden = out.hidden * float("inf")
+        return out
+
+    monkeypatch.setattr(CPPOTrainer, "_view_pass", poisoned)
+    loss, grads = loss_and_grads(trainer, inputs)
+    metrics = trainer._metrics["train"]
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert metrics["cppo/nonfinite_skipped"][-1] == 1
+    assert metrics["cppo/cpl_loss"][-1] == 0
+
+
+def test_same_seed_same_losses(tiny_qwen, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        trainer = make_trainer(tiny_qwen, tmp_path / name, max_steps=2)
+        trainer.train()
+        runs.append([(h["loss"], h["cppo/cpl_loss"]) for h in trainer.state.log_history if "loss" in h])
+    assert runs[0] == runs[1]

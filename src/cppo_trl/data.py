@@ -529,8 +529,10 @@ def make_synthetic_splits(
     prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX,
     system_prompt: str | None = None,
 ) -> datasets.DatasetDict:
-    """Train/test splits drawn from one random stream: `train` equals `make_synthetic_perception_dataset(num_train,
-    seed)` and `test` continues the stream, so the splits never replay the same draws."""
+    """Train/test splits of the synthetic task drawn from one random stream, so they never replay the same draws.
+
+    `train` equals `make_synthetic_perception_dataset(num_train, seed)`; `test` continues the stream.
+    """
     rng = random.Random(seed)
     train = _synthetic_dataset(num_train, rng, image_size, tasks, prompt_suffix, system_prompt)
     test = _synthetic_dataset(num_test, rng, image_size, tasks, prompt_suffix, system_prompt)

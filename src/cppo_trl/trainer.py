@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from torch.utils.checkpoint import checkpoint
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template, prepare_multimodal_messages
 
@@ -151,6 +152,16 @@ class CPPOTrainer(GRPOTrainer):
                 f"loss_type={args.loss_type!r} is not supported by CPPOTrainer; use one of {CPL_LOSS_TYPES}."
             )
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        if (
+            args.cpl_weight > 0
+            and args.cpl_divergence == "full"
+            and (is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
+        ):
+            raise ValueError(
+                "cpl_divergence='full' projects hidden states through the LM head weight directly, which DeepSpeed "
+                "ZeRO-3 and FSDP shard. Use cpl_divergence='k3' (the released code's estimate) with them, or "
+                "DDP / ZeRO-2 (recipes/accelerate_configs/zero2.yaml)."
+            )
         self._anchor_capture: _AnchorCapture | None = None
         self._perturbation_params = args.perturbation_params
         self._logit_scale, self._logit_softcap = _logit_transform(self._policy_lm(self.model).config)
@@ -378,7 +389,8 @@ class CPPOTrainer(GRPOTrainer):
 
     def _project(self, hidden, weight, bias) -> torch.Tensor:
         """Vocabulary logits as TRL 1.16's fused LM head scores them: scale, soft-cap, then sampling temperature."""
-        logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 logits even under bf16/fp16 autocast
+            logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
         logits = logits * self._logit_scale
         if self._logit_softcap is not None:
             logits = self._logit_softcap * torch.tanh(logits / self._logit_softcap)
