@@ -4,11 +4,15 @@ import hashlib
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset
 from PIL import Image
 
 from cppo_trl.testing import build_tiny_vlm
 
+
+# Tiny models are overhead-bound: one thread is faster than two, and ~10x faster when other processes load the cores.
+torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory):

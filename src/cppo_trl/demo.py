@@ -89,7 +89,7 @@ def sft_warmup(
     *,
     prompt_suffix: str | None,
     num_samples: int = 512,
-    max_steps: int = 120,
+    max_steps: int = 160,
     batch_size: int = 16,
     learning_rate: float = 3e-3,
     seed: int = 1234,
@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    sft_steps = args.sft_steps if args.sft_steps is not None else (8 if args.quick else 80)
+    sft_steps = args.sft_steps if args.sft_steps is not None else (8 if args.quick else 160)
     rl_overrides: list[str] = []
     rl_steps = args.rl_steps if args.rl_steps is not None else (2 if args.quick else None)
     if rl_steps is not None:

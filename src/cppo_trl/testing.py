@@ -177,7 +177,8 @@ _TEXT = {
 }
 # Shared tiny vision-tower sizes.
 _VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-# Every vision tower uses 14-px patches merged/pooled 2x2, so an image of side ``s`` gives ``(s // 28) ** 2`` tokens.
+# Vision towers use 14-px patches merged/pooled 2x2 (LLaVA: 28-px patches), so an ``image_size`` square gives
+# ``(image_size // 28) ** 2`` image tokens; Qwen3-VL keeps 16-px patches on a grid rounded up to 32 px.
 _PATCH = 14
 
 
