@@ -291,3 +291,23 @@ def test_same_seed_same_losses(tiny_qwen, tmp_path):
         trainer.train()
         runs.append([(h["loss"], h["cppo/cpl_loss"]) for h in trainer.state.log_history if "loss" in h])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("through_views", [True, False])
+def test_grad_through_views_switch(tiny_qwen, tmp_path, monkeypatch, through_views):
+    trainer = make_trainer(
+        tiny_qwen, tmp_path, cpl_grad_through_views=through_views, advantage_gating=False, cpl_divergence="k3"
+    )
+    inputs = generation_batch(trainer)
+    seen = []
+    original = CPPOTrainer._view_pass
+
+    def recording(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen.append(out.logps.requires_grad)
+        return out
+
+    monkeypatch.setattr(CPPOTrainer, "_view_pass", recording)
+    loss, grads = loss_and_grads(trainer, inputs)
+    assert seen and all(flag == through_views for flag in seen)
+    assert torch.isfinite(loss) and grads

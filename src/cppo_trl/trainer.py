@@ -193,6 +193,12 @@ class CPPOTrainer(GRPOTrainer):
         gate = self._gate(output["advantages"]).tolist()
         prompt_ids = output["prompt_ids"].cpu()
         prompt_mask = output["prompt_mask"].bool().cpu()
+        # Per-image layout tensors of the original batch, per row, to check each view against (same grid / size).
+        layout = {
+            k: torch.split(output[k].cpu(), output["num_images"])
+            for k in ("image_grid_thw", "image_sizes")
+            if k in output
+        }
         views_by_key: dict[bytes, dict] = {}
         views: list[dict | None] = []
         for i, row in enumerate(inputs):
@@ -208,6 +214,9 @@ class CPPOTrainer(GRPOTrainer):
             if key not in views_by_key:
                 expected = prompt_ids[i][prompt_mask[i]]
                 views_by_key[key] = self._process_views(i, text, images, key, expected)
+                for k, per_row in layout.items():
+                    if not torch.equal(views_by_key[key]["removed"][k].cpu(), per_row[i]):
+                        raise ValueError(f"Sample {i}: the views' `{k}` differs from the original image's.")
             views.append(views_by_key[key])
         return views
 
