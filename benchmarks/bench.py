@@ -399,7 +399,10 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
         "loss_phase_ratio": loss["cppo"] / loss["grpo"],
         "naive_loss_phase_ratio": loss["naive"] / loss["grpo"],
         "floor_1_plus_2f": floor,
-        "loss_phase_vs_floor": loss["cppo"] / loss["grpo"] / floor,
+        # Per step (f varies between batches), then the median.
+        "loss_phase_vs_floor": _median(
+            [c / g / (1 + 2 * fs) for c, g, fs in zip(loss_t["cppo"], loss_t["grpo"], gated, strict=True)]
+        ),
         "whole_step_s": whole,
         "whole_step_ratio": whole["cppo"] / whole["grpo"],
         "naive_whole_step_ratio": whole["naive"] / whole["grpo"],

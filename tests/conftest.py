@@ -7,12 +7,15 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
+from trl import GRPOConfig, GRPOTrainer
 
+from cppo_trl import CPPOConfig, CPPOTrainer
 from cppo_trl.testing import build_tiny_vlm
 
 
 # Tiny models are overhead-bound: one thread is faster than two, and ~10x faster when other processes load the cores.
 torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory):
@@ -45,3 +48,62 @@ def hashed_reward(completions, **kwargs):
 @pytest.fixture
 def dataset():
     return make_dataset()
+
+
+COMMON = {
+    "per_device_train_batch_size": 4,
+    "num_generations": 4,
+    "max_completion_length": 10,
+    "bf16": False,
+    "gradient_checkpointing": False,
+    "report_to": "none",
+    "use_cpu": True,
+    "logging_steps": 1,
+    "learning_rate": 1e-2,
+    "save_strategy": "no",
+    "seed": 0,
+}
+
+
+def make_trainer(model_path, tmp_path, trainer_cls=CPPOTrainer, dataset=None, eval_dataset=None, **overrides):
+    config_cls = CPPOConfig if trainer_cls is CPPOTrainer else GRPOConfig
+    kwargs = {**COMMON, "beta": 0.0, "max_steps": 2, **overrides}
+    args = config_cls(output_dir=str(tmp_path / trainer_cls.__name__), **kwargs)
+    trainer = trainer_cls(
+        model=str(model_path),
+        reward_funcs=hashed_reward,
+        args=args,
+        train_dataset=dataset if dataset is not None else make_dataset(),
+        eval_dataset=eval_dataset,
+    )
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set by `train()` in TRL
+    return trainer
+
+
+def generation_batch(trainer, num_rows=4):
+    """One scored generation batch (what `_prepare_inputs` buffers), from the trainer's own pipeline."""
+    trainer.model.train()
+    rows = [trainer.train_dataset[i // trainer.num_generations] for i in range(num_rows)]
+    torch.manual_seed(0)
+    return trainer._generate_and_score_completions(rows)
+
+
+def loss_and_grads(trainer, inputs):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def count_policy_passes(monkeypatch):
+    """Counts GRPOTrainer forward passes and the rows each one scores."""
+    rows_per_call = []
+    original = GRPOTrainer._get_per_token_logps_and_entropies
+
+    def counting(self, model, input_ids, *args, **kwargs):
+        rows_per_call.append(input_ids.size(0))
+        return original(self, model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", counting)
+    return rows_per_call

@@ -1,6 +1,8 @@
 """`CPPOTrainer`: TRL's `GRPOTrainer` plus the Contrastive Perception Loss, through three narrow hooks."""
 
+import json
 import logging
+import os
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -10,8 +12,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
+from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template, prepare_multimodal_messages
 
@@ -165,6 +169,33 @@ class CPPOTrainer(GRPOTrainer):
         self._anchor_capture: _AnchorCapture | None = None
         self._perturbation_params = args.perturbation_params
         self._logit_scale, self._logit_softcap = _logit_transform(self._policy_lm(self.model).config)
+        # Image/video placeholder ids of the model: a completion must not contain them (see `_generate`).
+        self._placeholder_ids = _placeholder_token_ids(self._policy_lm(self.model).config)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """transformers 5 saves VLMs under their Hub key names (`save_pretrained` reverses the in-memory renaming, e.g.
+        Qwen2.5-VL `model.visual.*` -> `visual.*`), but `Trainer._load_from_checkpoint` loads the raw file with
+        `strict=False`: every renamed weight is silently skipped and the run resumes from the initial weights. When the
+        saved names are not the model's, reload them through `from_pretrained`, which applies the renaming."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
+        if is_peft_model(unwrapped) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return  # their own loaders (adapter files, engine/FSDP state) do not go through the raw state dict
+        single = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
+        index = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_INDEX_NAME)
+        if os.path.isfile(single):
+            with safe_open(single, "pt") as f:
+                saved = set(f.keys())
+        elif os.path.isfile(index):
+            with open(index) as f:
+                saved = set(json.load(f)["weight_map"])
+        else:
+            return
+        if saved <= set(unwrapped.state_dict()):
+            return  # names match: `super()` loaded them
+        dtype = next(unwrapped.parameters()).dtype
+        reloaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        unwrapped.load_state_dict(reloaded.state_dict())
 
     # ------------------------------------------------------------------ hook 1: views at rollout time
     def _generate_and_score_completions(self, inputs):
@@ -176,11 +207,38 @@ class CPPOTrainer(GRPOTrainer):
 
     def _generate(self, prompts: list):
         """TRL 1.16 returns `None` for a prompt without image in a multimodal batch, and then passes that list to the
-        processor, which rejects `None`; an empty list is what the processor (and `num_images`) expect."""
-        *head, images, tool_images = super()._generate(prompts)
+        processor, which rejects `None`; an empty list is what the processor (and `num_images`) expect.
+
+        A completion containing an image/video placeholder token (possible with vLLM, a custom `rollout_func` or
+        `generation_kwargs` overriding TRL's `suppress_tokens`) makes every later forward fail: the model finds more
+        placeholder tokens than image features. Such a completion is cut just before its first placeholder (its
+        `logprobs`/`tool_mask` entries too) and its text re-decoded, so rewards score what is trained; the cut
+        completion no longer ends with EOS, so TRL counts it as truncated (`mask_truncated_completions` masks it). A
+        completion that would become empty keeps one EOS token (sampling log-prob unknown: NaN, which TRL
+        neutralises). The count is logged as `cppo/truncated_at_image_token`."""
+        prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = (
+            super()._generate(prompts)
+        )
         if images is not None and any(image_list for image_list in images):
             images = [image_list or [] for image_list in images]
-        return (*head, images, tool_images)
+        truncated = 0
+        if self._placeholder_ids:
+            for i, ids in enumerate(completion_ids):
+                cut = next((t for t, token in enumerate(ids) if token in self._placeholder_ids), None)
+                if cut is None:
+                    continue
+                truncated += 1
+                completion_ids[i] = list(ids[:cut]) if cut > 0 else [self.eos_token_ids[0]]
+                if logprobs is not None:
+                    logprobs[i] = list(logprobs[i][:cut]) if cut > 0 else [None]
+                if tool_mask is not None:
+                    tool_mask[i] = list(tool_mask[i][:cut]) if cut > 0 else [1]
+                text = self.processing_class.decode(completion_ids[i], skip_special_tokens=True)
+                completions[i] = [{"role": "assistant", "content": text}] if isinstance(completions[i], list) else text
+        mode = "train" if self.model.training else "eval"
+        total = self.accelerator.reduce(torch.tensor(float(truncated), device=self.accelerator.device), "sum")
+        self._metrics[mode]["cppo/truncated_at_image_token"].append(total.item())
+        return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
 
     def _gate(self, advantages: torch.Tensor) -> torch.Tensor:
         advantages = advantages if advantages.dim() == 1 else advantages[:, 0]
@@ -227,6 +285,15 @@ class CPPOTrainer(GRPOTrainer):
         processed = {}
         for which in ("preserved", "removed"):
             view_images = [getattr(v, which) for v in image_views]
+            # Same token count can still hide another layout (Qwen: a 224x56 view has the 112x112 image's 16 tokens
+            # but another `image_grid_thw`), so every view must keep its image's size (SPEC §4), checked first.
+            for n, (view, image) in enumerate(zip(view_images, images, strict=True)):
+                if view.size != image.size:
+                    raise ValueError(
+                        f"Sample {index}, image {n}: the {which} view is {view.size[0]}x{view.size[1]} but the image "
+                        f"is {image.size[0]}x{image.size[1]}; CPPO views must keep the original size so that the "
+                        f"vision-token layout does not change."
+                    )
             encoded = self.processing_class(images=[view_images], text=[text], return_tensors="pt")
             ids = encoded["input_ids"][0]
             if ids.shape != expected_ids.shape or not torch.equal(ids, expected_ids):
@@ -451,6 +518,12 @@ class CPPOTrainer(GRPOTrainer):
         if total["selected_tokens"] > 0:
             metrics["cppo/divergence_preserved"].append(total["divergence_preserved_sum"] / total["selected_tokens"])
             metrics["cppo/divergence_removed"].append(total["divergence_removed_sum"] / total["selected_tokens"])
+
+
+def _placeholder_token_ids(config) -> frozenset[int]:
+    """Token ids the model replaces with vision features (`image_token_id`/`image_token_index`, video likewise)."""
+    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    return frozenset(getattr(config, n) for n in names if isinstance(getattr(config, n, None), int))
 
 
 def _logit_transform(config) -> tuple[float, float | None]:

@@ -173,11 +173,17 @@ def _teacher_forced_entropy(model, processor, text: str, image, completion_ids: 
     return entropy_from_logits(logits[0, prompt_ids.size(1) - 1 : -1].float())
 
 
-def _generate(model, processor, text: str, image, max_new_tokens: int) -> str:
+def _generate(model, processor, text: str, image, max_new_tokens: int) -> torch.Tensor:
+    """Greedy completion ids, cut at the first end-of-sequence token (ids, not text: a decode/encode round trip of
+    a byte-level tokenizer does not give the same tokens back)."""
     encoded = processor(text=[text], images=[[image]], return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.tokenizer.decode(out[0, encoded["input_ids"].size(1) :], skip_special_tokens=True)
+    ids = out[0, encoded["input_ids"].size(1) :]
+    eos = model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos]) | {processor.tokenizer.pad_token_id}
+    keep = [i for i, t in enumerate(ids.tolist()) if t in stops]
+    return ids[: keep[0]] if keep else ids
 
 
 def _token_strings(tokenizer, ids: list[int]) -> list[str]:
@@ -209,9 +215,11 @@ def inspect_perception_tokens(
     params = params or PerturbationParams()
     text = _prompt_text(processor, prompt_text)
     if completion_text is None:
-        completion_text = _generate(model, processor, text, rgb, max_new_tokens)
+        ids = _generate(model, processor, text, rgb, max_new_tokens)
+        completion_text = processor.tokenizer.decode(ids)
         logger.info("generated completion: %r", completion_text)
-    ids = processor.tokenizer(completion_text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    else:
+        ids = processor.tokenizer(completion_text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if ids.numel() == 0:
         raise ValueError("the completion is empty: nothing to inspect (pass --completion)")
     views = make_views(rgb, params, seed)
@@ -317,7 +325,9 @@ def _write_png(result: PerceptionInspection, image, removed_view, path: Path) ->
     plt = _matplotlib()
     delta = result.delta.tolist()
     scale = max((abs(d) for d in delta), default=0.0)
-    chars_per_line = 70
+    fontsize = 9
+    # Monospace glyphs are ~0.6 em wide: one x unit = one character, so boxes match the text they shade.
+    chars_per_line = int(0.96 * 10 * 72 / (0.6 * fontsize))
     lines, line, width = [], [], 0
     for i, token in enumerate(result.tokens):
         shown = token.replace("\n", "⏎") or "∅"
@@ -327,7 +337,7 @@ def _write_png(result: PerceptionInspection, image, removed_view, path: Path) ->
         line.append((i, shown, width))
         width += len(shown)
     lines.append(line)
-    text_height = 0.35 * len(lines) + 1.0
+    text_height = 0.22 * len(lines) + 0.3
     fig = plt.figure(figsize=(10, 3.2 + text_height))
     top = 3.2 / (3.2 + text_height)
     for j, (img, caption) in enumerate(((image, "original I"), (removed_view, f"I⁻: {result.removing_name}"))):

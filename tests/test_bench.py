@@ -1,0 +1,39 @@
+"""The benchmark runs end to end on the tiny model and reports finite, positive ratios."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("cppo_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_tiny_two_steps(tmp_path):
+    bench = _load_bench()
+    argv = ["--sizes", "tiny", "--steps", "2", "--warmup", "0", "--prompts", "2", "--completion-length", "8"]
+    payload = bench.main([*argv, "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.md").read_text().startswith("| size")
+    (result,) = on_disk["results"]
+    assert set(bench.RESULT_KEYS) <= set(result)
+    assert result == json.loads(json.dumps(payload["results"][0]))
+    for key in (
+        "loss_phase_ratio",
+        "naive_loss_phase_ratio",
+        "whole_step_ratio",
+        "naive_whole_step_ratio",
+        "memory_ratio",
+        "naive_memory_ratio",
+        "floor_1_plus_2f",
+    ):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert 0 <= result["gated_fraction"] <= 1
+    assert 0 <= result["view_build_share"] < 1

@@ -1,0 +1,46 @@
+"""Two CPU processes (gloo) under `accelerate launch`: CPPO trains, its metrics are reduced across ranks, and both ranks
+build the same views for the same prompt (views derive from (seed, step, prompt), not from the rank)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cppo_trl.testing import build_tiny_vlm
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "two_process_cppo.py"
+# `accelerate launch --cpu --num_processes 2` needs mpirun (its simple launcher starts one process otherwise);
+# `--multi_gpu` takes the torchrun launcher, and with no GPU (and `use_cpu=True` in the script) the ranks use gloo.
+ACCELERATE = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2"]
+ACCELERATE += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_processes_reduce_metrics_and_share_views(tmp_path):
+    model = build_tiny_vlm("qwen2_5_vl", tmp_path / "model")
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    cmd = [*ACCELERATE, "--main_process_port", env["MASTER_PORT"], str(SCRIPT), str(model), str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["num_processes"] for r in ranks] == [2, 2]
+
+    logs0, logs1 = ranks[0]["logs"], ranks[1]["logs"]
+    assert len(logs0) == 2 and logs0 == logs1  # reduced: identical `cppo/*` values on both ranks
+    # Each rank holds 2 of the prompt's 4 rollouts; the reduced count covers both ranks' rows.
+    assert all(h["cppo/extra_pass_rows"] == 4 for h in logs0)
+    assert all(h["cppo/gated_fraction"] == 1 for h in logs0)
+
+    hashes0, hashes1 = ranks[0]["view_hashes"], ranks[1]["view_hashes"]
+    assert len(hashes0) == 2 and hashes0.keys() == hashes1.keys()  # one prompt key per step, seen by both ranks
+    for key in hashes0:
+        assert hashes0[key] == hashes1[key], key
+    assert len({h[0] for h in hashes0.values()}) == 2  # views change with the step
