@@ -29,7 +29,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m cppo_trl.demo --out outputs/demo
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py --sizes tiny,small --out outputs/bench
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py --sizes tiny,small --prompts 2 --steps 3 --out outputs/bench
 
 compare: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compare.py --out outputs/compare

@@ -43,7 +43,7 @@ import torch
 
 logger = logging.getLogger("cppo_bench")
 
-VARIANTS = ("grpo", "cppo", "naive")
+VARIANTS = ("grpo", "cppo", "lean", "naive")
 RESULT_KEYS = (
     "size",
     "device",
@@ -226,8 +226,14 @@ def make_trainers(model_dir: Path, args, out_dir: Path) -> dict[str, Any]:
             train_dataset=dataset,
         )
     }
-    for name, gating in (("cppo", True), ("naive", False)):
-        config = CPPOConfig(output_dir=str(out_dir / name), cppo_preset=args.preset, advantage_gating=gating, **common)
+    # "lean": gated CPPO whose perturbed passes are recomputed in backward, one row at a time (same gradients).
+    variants = {
+        "cppo": {},
+        "lean": {"cpl_view_checkpointing": True, "cpl_view_micro_batch_size": 1},
+        "naive": {"advantage_gating": False},
+    }
+    for name, extra in variants.items():
+        config = CPPOConfig(output_dir=str(out_dir / name), cppo_preset=args.preset, **extra, **common)
         trainers[name] = CPPOTrainer(str(model_dir), hashed_reward, args=config, train_dataset=dataset)
     for trainer in trainers.values():
         trainer.model.train()
@@ -347,7 +353,8 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
         naive_build = clock() - start
         f = cppo._cpl_rows(inputs).numel() / inputs["completion_ids"].size(0)
 
-        order = VARIANTS[step % 3 :] + VARIANTS[: step % 3]  # rotate so no variant always runs first
+        turn = step % len(VARIANTS)
+        order = VARIANTS[turn:] + VARIANTS[:turn]  # rotate so no variant always runs first
         step_loss = {
             name: _loss_phase(trainers[name], _variant_inputs(inputs, name, naive_views), args.device, clock)
             for name in order
@@ -383,6 +390,7 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
     whole = {
         "grpo": _median([g + lg for g, lg in zip(gen_t, loss_t["grpo"], strict=True)]),
         "cppo": _median([g + v + lc for g, v, lc in zip(gen_t, view_t, loss_t["cppo"], strict=True)]),
+        "lean": _median([g + v + lc for g, v, lc in zip(gen_t, view_t, loss_t["lean"], strict=True)]),
         "naive": _median([g + v + ln for g, v, ln in zip(gen_t, naive_view_t, loss_t["naive"], strict=True)]),
     }
     mem = {k: _median(v) for k, v in memory.items()}
@@ -398,6 +406,7 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
         "loss_phase_s": loss,
         "loss_phase_ratio": loss["cppo"] / loss["grpo"],
         "naive_loss_phase_ratio": loss["naive"] / loss["grpo"],
+        "lean_loss_phase_ratio": loss["lean"] / loss["grpo"],
         "floor_1_plus_2f": floor,
         # Per step (f varies between batches), then the median.
         "loss_phase_vs_floor": _median(
@@ -406,6 +415,7 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
         "whole_step_s": whole,
         "whole_step_ratio": whole["cppo"] / whole["grpo"],
         "naive_whole_step_ratio": whole["naive"] / whole["grpo"],
+        "lean_whole_step_ratio": whole["lean"] / whole["grpo"],
         "generation_s": _median(gen_t),
         "view_build_s": {"cppo": _median(view_t), "naive": _median(naive_view_t)},
         "view_build_share": _median(view_t) / whole["cppo"],
@@ -413,6 +423,13 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
         "memory_bytes": mem,
         "memory_ratio": mem["cppo"] / mem["grpo"],
         "naive_memory_ratio": mem["naive"] / mem["grpo"],
+        "lean_memory_ratio": mem["lean"] / mem["grpo"],
+        # The lean variant saves almost nothing for its views during the forward, but rebuilds one view row at a
+        # time in backward: its peak adds one row of one view's activations, (cppo - grpo) / (2 f rows).
+        "lean_peak_memory_ratio": (
+            mem["lean"] + (mem["cppo"] - mem["grpo"]) / max(2 * f * len(rows) * args.generations, 1)
+        )
+        / mem["grpo"],
     }
     del trainers
     return result
@@ -421,7 +438,8 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
 def markdown_table(results: list[dict[str, Any]]) -> str:
     header = (
         "| size | params | rows | f (gated) | loss-phase GRPO s | CPPO/GRPO loss | floor 1+2f | naive/GRPO loss "
-        "| whole-step CPPO/GRPO | naive whole | view-build share | mem CPPO/GRPO | naive mem |"
+        "| whole-step CPPO/GRPO | naive whole | view-build share | mem CPPO/GRPO | naive mem "
+        "| lean loss | lean whole | lean peak mem |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
@@ -429,7 +447,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['rows']} | {r['gated_fraction']:.2f} "
             f"| {r['loss_phase_s']['grpo']:.3f} | {r['loss_phase_ratio']:.2f} | {r['floor_1_plus_2f']:.2f} "
             f"| {r['naive_loss_phase_ratio']:.2f} | {r['whole_step_ratio']:.3f} | {r['naive_whole_step_ratio']:.3f} "
-            f"| {r['view_build_share']:.1%} | {r['memory_ratio']:.2f} | {r['naive_memory_ratio']:.2f} |"
+            f"| {r['view_build_share']:.1%} | {r['memory_ratio']:.2f} | {r['naive_memory_ratio']:.2f} "
+            f"| {r['lean_loss_phase_ratio']:.2f} | {r['lean_whole_step_ratio']:.3f} | {r['lean_peak_memory_ratio']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -59,6 +59,8 @@ class CPPOConfig(GRPOConfig):
             `"selected_tokens"` (released: mean over selected tokens).
         advantage_gating (`bool`, defaults to `True`): CPL only on rollouts with advantage > 0.
         cpl_grad_through_views (`bool`, defaults to `True`): backpropagate through the perturbed passes.
+        cpl_view_checkpointing (`bool`, defaults to `False`): recompute the perturbed passes in backward.
+        cpl_view_micro_batch_size (`int`, *optional*): rows per perturbed forward (default: all gated rows).
         cpl_chunk_size (`int`, defaults to `256`): positions per chunk for `"full"` KL logits.
 
         > Perception-token selection (paper Eqs. 3-6)
@@ -123,6 +125,18 @@ class CPPOConfig(GRPOConfig):
             "help": "Backpropagate through the two perturbed forward passes (paper and released). False runs them "
             "without gradient: cheaper in time and memory, but the CPL then only moves the anchor distribution."
         },
+    )
+    cpl_view_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute the two perturbed passes in backward instead of keeping their activations "
+            "(torch.utils.checkpoint per cpl_view_micro_batch_size rows): the views then hold one micro-batch of "
+            "activations, for one more forward of the gated rows. Same gradients."
+        },
+    )
+    cpl_view_micro_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per perturbed forward (None: all gated rows of the micro-batch at once)."},
     )
     cpl_chunk_size: int = field(
         default=256,
@@ -245,6 +259,10 @@ class CPPOConfig(GRPOConfig):
             raise ValueError(f"cpl_temperature must be > 0, got {self.cpl_temperature!r}.")
         if not 0 < self.perception_top_fraction <= 1:
             raise ValueError(f"perception_top_fraction must be in (0, 1], got {self.perception_top_fraction!r}.")
+        if self.cpl_view_micro_batch_size is not None and self.cpl_view_micro_batch_size < 1:
+            raise ValueError(
+                f"cpl_view_micro_batch_size must be >= 1 or None, got {self.cpl_view_micro_batch_size!r}."
+            )
         if self.cpl_chunk_size < 1:
             raise ValueError(f"cpl_chunk_size must be >= 1, got {self.cpl_chunk_size!r}.")
         for name, choices in (

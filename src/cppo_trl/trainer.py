@@ -156,11 +156,13 @@ class CPPOTrainer(GRPOTrainer):
                 f"loss_type={args.loss_type!r} is not supported by CPPOTrainer; use one of {CPL_LOSS_TYPES}."
             )
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
-        if (
-            args.cpl_weight > 0
-            and args.cpl_divergence == "full"
-            and (is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
-        ):
+        sharded = is_deepspeed_zero3_enabled() or self.is_fsdp_enabled
+        if args.cpl_weight > 0 and args.cpl_view_checkpointing and sharded:
+            raise ValueError(
+                "cpl_view_checkpointing recomputes the views with the unwrapped model in backward, which DeepSpeed "
+                "ZeRO-3 and FSDP shard; use DDP / ZeRO-2, or cpl_view_checkpointing=False."
+            )
+        if args.cpl_weight > 0 and args.cpl_divergence == "full" and sharded:
             raise ValueError(
                 "cpl_divergence='full' projects hidden states through the LM head weight directly, which DeepSpeed "
                 "ZeRO-3 and FSDP shard. Use cpl_divergence='k3' (the released code's estimate) with them, or "
@@ -373,9 +375,32 @@ class CPPOTrainer(GRPOTrainer):
         return keep.nonzero(as_tuple=True)[0]
 
     def _view_pass(self, model, inputs, rows, which: str, need_hidden: bool) -> _ViewPass:
-        """Teacher-forced pass of the same prompt+completion tokens with a view's vision tensors (gated rows only)."""
+        """Teacher-forced passes of the gated rows' prompt+completion tokens with a view's vision tensors.
+
+        With `cpl_view_checkpointing`, every `cpl_view_micro_batch_size` rows form one checkpointed region: their
+        activations are dropped after the forward and rebuilt in backward, so the views hold one micro-batch of
+        activations instead of all gated rows', for one more forward of the gated rows.
+        """
+        size = self.args.cpl_view_micro_batch_size or rows.numel()
+        checkpointed = self.args.cpl_view_checkpointing and torch.is_grad_enabled()
+        # The recompute runs inside backward: call the bare module, not a DDP wrapper that would re-arm its reducer.
+        module = self.accelerator.unwrap_model(model) if checkpointed else model
+        parts = []
+        for start in range(0, rows.numel(), size):
+            args = (module, inputs, rows[start : start + size], which, need_hidden)
+            parts.append(
+                checkpoint(self._view_forward, *args, use_reentrant=False)
+                if checkpointed
+                else self._view_forward(*args)
+            )
+        logps, entropies, hidden = (None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
+        return _ViewPass(logps, entropies, hidden)
+
+    def _view_forward(self, model, inputs, rows, which: str, need_hidden: bool):
+        """(logps (R, T), entropies (R, T) for I⁻ else None, hidden states before each completion token (R, T, H))."""
         idx = rows.tolist()
         device = inputs["completion_ids"].device
+        completion_length = inputs["completion_ids"].size(1)
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)[rows]
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)[rows]
         per_sample = [inputs[VIEWS_KEY][i][which] for i in idx]
@@ -386,12 +411,12 @@ class CPPOTrainer(GRPOTrainer):
                 model,
                 input_ids,
                 attention_mask,
-                inputs["completion_ids"].size(1),
+                completion_length,
                 compute_entropy=which == "removed",
                 num_images=[inputs["num_images"][i] for i in idx],
                 **kwargs,
             )
-        return _ViewPass(logps, entropies, torch.cat(hidden, dim=0) if hidden else None)
+        return logps, entropies, _completion_hidden(torch.cat(hidden), completion_length) if hidden else None
 
     def _contrastive_perception_loss(self, model, inputs, rows, anchor: _AnchorCapture, mode: str):
         args = self.args
@@ -444,8 +469,8 @@ class CPPOTrainer(GRPOTrainer):
 
         Each chunk is checkpointed, so its three (chunk, V) logits are freed after the forward and rebuilt in backward.
         """
-        offset = mask.size(1) + 1  # hidden state at position p predicts token p + 1
-        hidden = [h[:, -offset:-1][positions] for h in (anchor_hidden, preserved.hidden, removed.hidden)]  # (N, H)
+        anchor_hidden = _completion_hidden(anchor_hidden, mask.size(1))
+        hidden = [h[positions] for h in (anchor_hidden, preserved.hidden, removed.hidden)]  # (N, H)
         head = self._policy_lm(model).get_output_embeddings()
         losses, d_pos, d_neg = [], [], []
         for start in range(0, hidden[0].size(0), self.args.cpl_chunk_size):
@@ -524,6 +549,12 @@ def _placeholder_token_ids(config) -> frozenset[int]:
     """Token ids the model replaces with vision features (`image_token_id`/`image_token_index`, video likewise)."""
     names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
     return frozenset(getattr(config, n) for n in names if isinstance(getattr(config, n, None), int))
+
+
+def _completion_hidden(hidden: torch.Tensor, completion_length: int) -> torch.Tensor:
+    """(B, L, H) -> (B, T, H): the hidden state at position p predicts token p + 1, so completion token t is scored
+    from the state just before it."""
+    return hidden[:, -completion_length - 1 : -1]
 
 
 def _logit_transform(config) -> tuple[float, float | None]:
