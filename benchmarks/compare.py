@@ -8,7 +8,7 @@ same SFT warm-up checkpoint (`cppo_trl.demo.sft_warmup`), with the same steps an
 - `cppo`: the recipe as is (paper preset, CPL on advantage-gated rollouts);
 - `cpl_no_gating`: `--advantage_gating false` (CPL on every rollout, the gating ablation).
 
-Held-out accuracy is greedy exact match (`cppo_trl.demo.evaluate_accuracy`) on the recipe's test split, identical
+Held-out accuracy is accuracy@8 at temperature 1.0 (`cppo_trl.demo.evaluate_accuracy`) on the recipe's test split, identical
 for every arm and seed. Writes `compare.json`, `compare.md` (table) and `compare.png` (reward curves, mean with the
 min-max band over seeds). A tiny model on a toy task: read the spread before reading the means.
 """
@@ -96,7 +96,7 @@ def aggregate(results: list[dict], baseline: float) -> dict[str, dict]:
 
 def write_markdown(table: dict, baseline: dict, steps: int, n: int, path: Path) -> None:
     lines = [
-        f"Held-out greedy accuracy (n={n}) after {steps} RL steps from the same SFT start "
+        f"Held-out accuracy@8, T=1 (n={n}) after {steps} RL steps from the same SFT start "
         f"(SFT alone: {baseline['accuracy']:.3f}); mean [min, max] over seeds.",
         "",
         "| arm | seeds | held-out accuracy | gain vs SFT | reward, last 25% of steps | mean CPL loss | s / run |",
@@ -154,7 +154,13 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.steps or training_args.max_steps
     held_out = held_out_split(script_args, training_args.seed)  # the recipe's seed: one test set for every run
     base = resolve_model_path("tiny:qwen2_5_vl", script_args.tiny_model_family)
-    sft_dir = sft_warmup(base, out / "sft", prompt_suffix=script_args.prompt_suffix, max_steps=args.sft_steps)
+    sft_dir = sft_warmup(
+        base,
+        out / "sft",
+        prompt_suffix=script_args.prompt_suffix,
+        tasks=script_args.synthetic_tasks,
+        max_steps=args.sft_steps,
+    )
     baseline = evaluate_accuracy(sft_dir, held_out)
     logger.info("SFT start: held-out accuracy %.3f", baseline["accuracy"])
 

@@ -47,6 +47,10 @@ class CPPOScriptArguments(ScriptArguments):
     )
     synthetic_num_train: int = field(default=64, metadata={"help": "Rows of the synthetic train split."})
     synthetic_num_test: int = field(default=16, metadata={"help": "Rows of the synthetic test split."})
+    synthetic_tasks: list[str] = field(
+        default_factory=lambda: ["color", "count", "position", "digit"],
+        metadata={"help": "Tasks of the synthetic dataset (cppo_trl.data.SYNTHETIC_TASKS)."},
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy", "format"],
         metadata={
@@ -84,7 +88,7 @@ def load_split(script_args: CPPOScriptArguments, split: str, seed: int) -> datas
     suffix = {} if script_args.prompt_suffix is None else {"prompt_suffix": script_args.prompt_suffix}
     if name == "synthetic":
         num = {"num_train": script_args.synthetic_num_train, "num_test": script_args.synthetic_num_test}
-        splits = data.make_synthetic_splits(**num, seed=seed, **suffix)
+        splits = data.make_synthetic_splits(**num, seed=seed, tasks=script_args.synthetic_tasks, **suffix)
         return splits["train" if split == script_args.dataset_train_split else "test"]
     if name == VIRL39K_NAME or (os.path.isdir(name) and "virl" in name.lower()):
         return data.load_virl39k(name, split=split, **suffix)

@@ -10,7 +10,7 @@
    right and wrong rollouts from the first RL step;
 3. trains CPPO with `cppo_trl.cppo.main` on `recipes/tiny/cppo/config_demo_cpu.yaml` (the same script and recipe
    format as the paper runs; only `model_name_or_path` and `output_dir` are overridden here);
-4. evaluates greedy held-out accuracy before and after, and writes curves, a perception-token page, a perturbation
+4. evaluates held-out accuracy@8 (temperature 1.0, the paper's protocol) before and after, and writes curves, a perception-token page, a perturbation
    sheet and `summary.json` into `--out`.
 
 `benchmarks/compare.py` reuses `sft_warmup`, `evaluate_accuracy` and `run_recipe` for the GRPO-vs-CPPO comparison.
@@ -69,12 +69,12 @@ def held_out_split(script_args, seed: int) -> datasets.Dataset:
 
 
 # ------------------------------------------------------------------------------------------------------ SFT
-def sft_dataset(num_samples: int, seed: int, prompt_suffix: str | None) -> datasets.Dataset:
+def sft_dataset(num_samples: int, seed: int, prompt_suffix: str | None, tasks: Sequence[str]) -> datasets.Dataset:
     """Synthetic rows in TRL's prompt-completion vision format with the completion `\\boxed{<answer>}`; drawn from a
     seed stream other than the RL/held-out one, so warm-up, RL and evaluation images differ."""
     from cppo_trl.data import make_synthetic_perception_dataset
 
-    rows = make_synthetic_perception_dataset(num_samples, seed=seed, prompt_suffix=prompt_suffix)
+    rows = make_synthetic_perception_dataset(num_samples, seed=seed, prompt_suffix=prompt_suffix, tasks=tasks)
 
     def add_completion(row):
         text = "\\boxed{" + row["solution"] + "}"
@@ -88,8 +88,9 @@ def sft_warmup(
     output_dir: str | Path,
     *,
     prompt_suffix: str | None,
-    num_samples: int = 512,
-    max_steps: int = 160,
+    tasks: Sequence[str],
+    num_samples: int = 1024,
+    max_steps: int = 300,
     batch_size: int = 16,
     learning_rate: float = 3e-3,
     seed: int = 1234,
@@ -105,6 +106,7 @@ def sft_warmup(
     settings = {
         "base_model": str(base_model),
         "prompt_suffix": prompt_suffix,
+        "tasks": list(tasks),
         "num_samples": num_samples,
         "max_steps": max_steps,
         "batch_size": batch_size,
@@ -136,7 +138,7 @@ def sft_warmup(
     trainer = SFTTrainer(
         model=str(base_model),
         args=args,
-        train_dataset=sft_dataset(num_samples, seed, prompt_suffix),
+        train_dataset=sft_dataset(num_samples, seed, prompt_suffix, tasks),
         processing_class=processor,
     )
     result = trainer.train()
@@ -165,10 +167,17 @@ def _chat_messages(prompt: list[dict]) -> list[dict]:
 
 @torch.no_grad()
 def evaluate_accuracy(
-    model_path: str | Path, dataset: datasets.Dataset, batch_size: int = 16, max_new_tokens: int = 8
+    model_path: str | Path,
+    dataset: datasets.Dataset,
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+    samples_per_prompt: int = 8,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Greedy held-out accuracy with the `accuracy` reward (last `\\boxed{}` equals the solution), overall and per
-    task, plus a few decoded samples so the summary shows what the policy actually writes."""
+    """Held-out accuracy@k as the paper measures it (k samples per prompt at temperature 1.0, averaged), with the
+    `accuracy` reward (last `\\boxed{}` equals the solution), overall and per task, plus a few decoded samples so
+    the summary shows what the policy actually writes. Sampling, unlike greedy decoding, sees the policy's whole
+    answer distribution move, which is what a few dozen RL steps change first."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from cppo_trl.rewards import accuracy_reward
@@ -176,6 +185,7 @@ def evaluate_accuracy(
     model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_path, padding_side="left")
     completions: list[str] = []
+    scores: list[float] = []
     for start in range(0, len(dataset), batch_size):
         batch = dataset[start : start + batch_size]
         texts = [
@@ -184,10 +194,24 @@ def evaluate_accuracy(
         ]
         images = [[image.convert("RGB") for image in row] for row in batch["images"]]
         encoded = processor(text=texts, images=images, return_tensors="pt", padding=True)
-        out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
+        torch.manual_seed(seed + start)
+        out = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            num_return_sequences=samples_per_prompt,
+        )
         new = out[:, encoded["input_ids"].size(1) :]
-        completions += processor.batch_decode(new, skip_special_tokens=True)
-    scores = accuracy_reward(completions, dataset["solution"])
+        decoded = processor.batch_decode(new, skip_special_tokens=True)
+        completions += decoded[::samples_per_prompt]
+        solutions = [s for s in batch["solution"] for _ in range(samples_per_prompt)]
+        hits = accuracy_reward(decoded, solutions)
+        scores += [
+            sum(hits[i : i + samples_per_prompt]) / samples_per_prompt for i in range(0, len(hits), samples_per_prompt)
+        ]
     tasks = dataset["task"] if "task" in dataset.column_names else ["all"] * len(dataset)
     per_task = {}
     for task in sorted(set(tasks)):
@@ -294,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    sft_steps = args.sft_steps if args.sft_steps is not None else (8 if args.quick else 160)
+    sft_steps = args.sft_steps if args.sft_steps is not None else (8 if args.quick else 300)
     rl_overrides: list[str] = []
     rl_steps = args.rl_steps if args.rl_steps is not None else (2 if args.quick else None)
     if rl_steps is not None:
@@ -315,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         base,
         out / "sft",
         prompt_suffix=script_args.prompt_suffix,
-        num_samples=64 if args.quick else 512,
+        tasks=script_args.synthetic_tasks,
+        num_samples=64 if args.quick else 1024,
         max_steps=sft_steps,
     )
     stages.update()
@@ -382,7 +407,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         f"last {summary['reward_window']}: {summary['reward_last']:.3f}"
     )
     print(
-        f"held-out greedy accuracy (n={summary['held_out_n']}): after SFT {summary['accuracy_before']:.3f}  ->  "
+        f"held-out accuracy@8, T=1 (n={summary['held_out_n']}): after SFT {summary['accuracy_before']:.3f}  ->  "
         f"after CPPO {summary['accuracy_after']:.3f}"
     )
     print(f"  per task before: {summary['accuracy_per_task_before']}")
