@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recipe", default=str(DEMO_RECIPE))
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated training seeds.")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the recipe's).")
-    parser.add_argument("--sft-steps", type=int, default=160)
+    parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--arms", default=",".join(ARMS), help=f"Subset of {list(ARMS)}.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(name)s - %(message)s")
