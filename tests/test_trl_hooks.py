@@ -16,6 +16,7 @@ def test_overridden_hook_signatures():
     assert params(GRPOTrainer._generate_and_score_completions) == ["self", "inputs"]
     assert params(GRPOTrainer._compute_loss) == ["self", "model", "inputs"]
     assert params(GRPOTrainer._generate) == ["self", "prompts"]
+    assert params(GRPOTrainer._load_from_checkpoint) == ["self", "resume_from_checkpoint", "model"]
     assert params(GRPOTrainer._get_per_token_logps_and_entropies) == [
         "self",
         "model",
@@ -46,6 +47,14 @@ def test_compute_loss_takes_the_anchor_from_exactly_one_policy_pass():
     for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"):
         assert f'"{loss_type}"' in source, f"loss_type {loss_type} changed: re-check CPPO's CPL normalisers"
     assert "self.current_gradient_accumulation_steps / self.args.steps_per_generation" in source
+
+
+def test_generate_returns_the_tuple_cppo_unpacks():
+    source = inspect.getsource(GRPOTrainer._generate)
+    assert (
+        "return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images"
+        in source
+    )
 
 
 def test_generation_batch_layout_cppo_relies_on():
