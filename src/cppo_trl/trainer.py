@@ -249,7 +249,8 @@ class CPPOTrainer(GRPOTrainer):
         return torch.ones_like(advantages, dtype=torch.bool)
 
     def _build_views(self, inputs: list[dict], output: dict) -> list[dict | None]:
-        """Per rollout: the processed vision tensors of its prompt's I⁺ and I⁻, or None if it gets no CPL."""
+        """Per rollout: the processed vision tensors of its prompt's I⁺ and I⁻ (and, under `names`, which transform
+        drew each view of each image, for inspection), or None if it gets no CPL."""
         gate = self._gate(output["advantages"]).tolist()
         prompt_ids = output["prompt_ids"].cpu()
         prompt_mask = output["prompt_mask"].bool().cpu()
