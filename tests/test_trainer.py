@@ -282,7 +282,12 @@ def _saved_tensor_bytes(trainer, inputs) -> int:
 
 @pytest.mark.parametrize("divergence", ["full", "k3"])
 def test_view_checkpointing_same_gradients_less_activation_memory(tiny_qwen, tmp_path, divergence):
-    common = dict(cpl_divergence=divergence, advantage_gating=False, cpl_weight=1.0, gradient_checkpointing=True)
+    common = {
+        "cpl_divergence": divergence,
+        "advantage_gating": False,
+        "cpl_weight": 1.0,
+        "gradient_checkpointing": True,
+    }
     plain = make_trainer(tiny_qwen, tmp_path / "plain", **common)
     lean = make_trainer(
         tiny_qwen, tmp_path / "lean", cpl_view_checkpointing=True, cpl_view_micro_batch_size=1, **common
