@@ -18,8 +18,15 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen(tmp_path_factory):
-    return build_tiny_vlm("qwen2_5_vl", tmp_path_factory.mktemp("models") / "qwen2_5_vl")
+def tiny_vlm(tmp_path_factory):
+    """Builds each tiny family once per session (~0.5 s each) and returns its folder: `tiny_vlm("gemma3")`."""
+    root = tmp_path_factory.mktemp("models")
+    return lambda family: build_tiny_vlm(family, root / family)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tiny_vlm):
+    return tiny_vlm("qwen2_5_vl")
 
 
 def textured_image(seed: int, size: int = 112) -> Image.Image:

@@ -1,4 +1,4 @@
-"""CPPOTrainer across model families and bad input: every tiny family trains with CPL, multi-image prompts, odd image
+"""CPPOTrainer across model families and bad input: every tiny_vlm family trains with CPL, multi-image prompts, odd image
 modes and sizes, degenerate completions, placeholder tokens in completions, resume and determinism, bf16 numerics."""
 
 import dataclasses
@@ -15,23 +15,8 @@ from trl.data_utils import apply_chat_template, prepare_multimodal_messages
 
 from cppo_trl import CPPOConfig, CPPOTrainer
 from cppo_trl.perturbations import make_views_for_sample, sample_key, to_rgb
-from cppo_trl.testing import TINY_VLM_FAMILIES, build_tiny_vlm
+from cppo_trl.testing import TINY_VLM_FAMILIES
 from cppo_trl.trainer import VIEWS_KEY, VISION_KEYS, _stack_padded
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models on a busy 2-core machine: one intra-op thread is ~10x faster than torch's spinning workers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability_models")
-    return lambda family: build_tiny_vlm(family, root / family)
 
 
 def _prompt(text: str, num_images: int) -> list[dict]:
@@ -71,9 +56,9 @@ FAMILY_CASES = [(f, "k3") for f in TINY_VLM_FAMILIES] + [(f, "full") for f in TI
 
 
 @pytest.mark.parametrize(("family", "divergence"), FAMILY_CASES)
-def test_every_family_trains_with_cpl(tiny, tmp_path, family, divergence):
+def test_every_family_trains_with_cpl(tiny_vlm, tmp_path, family, divergence):
     trainer = make_trainer(
-        tiny(family), tmp_path, advantage_gating=False, cpl_divergence=divergence, cpl_weight=1.0, max_steps=2
+        tiny_vlm(family), tmp_path, advantage_gating=False, cpl_divergence=divergence, cpl_weight=1.0, max_steps=2
     )
     _assert_views_match_layout(generation_batch(trainer))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -89,9 +74,9 @@ def test_every_family_trains_with_cpl(tiny, tmp_path, family, divergence):
     assert _changed_fraction(trainer, before) > 0.8
 
 
-def test_view_changing_size_raises_clear_error(tiny, tmp_path, monkeypatch):
+def test_view_changing_size_raises_clear_error(tiny_vlm, tmp_path, monkeypatch):
     """A 224x56 view has the 112x112 image's token count under Qwen but another grid: refused, never misaligned."""
-    trainer = make_trainer(tiny("qwen2_5_vl"), tmp_path, advantage_gating=False)
+    trainer = make_trainer(tiny_vlm("qwen2_5_vl"), tmp_path, advantage_gating=False)
     original = make_views_for_sample
 
     def resized(images, *args, **kwargs):
@@ -119,8 +104,8 @@ class _TokenChangingProcessor:
         return encoded
 
 
-def test_processor_changing_token_count_under_a_view_raises_clear_error(tiny, tmp_path, monkeypatch):
-    trainer = make_trainer(tiny("qwen2_5_vl"), tmp_path, advantage_gating=False)
+def test_processor_changing_token_count_under_a_view_raises_clear_error(tiny_vlm, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_vlm("qwen2_5_vl"), tmp_path, advantage_gating=False)
     original = make_views_for_sample
 
     def tagged(images, *args, **kwargs):
@@ -137,11 +122,11 @@ def test_processor_changing_token_count_under_a_view_raises_clear_error(tiny, tm
 
 # ------------------------------------------------------------------ 2. multi-image prompts
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "idefics3", "llava_next"])
-def test_mixed_image_counts_train(tiny, tmp_path, family):
+def test_mixed_image_counts_train(tiny_vlm, tmp_path, family):
     """Prompts with 2, 1 and 0 images in one generation batch: views per image, CPL on image rows, no crash."""
     dataset = _rows([[textured_image(1), textured_image(2)], [textured_image(3)], []])
     trainer = make_trainer(
-        tiny(family),
+        tiny_vlm(family),
         tmp_path,
         dataset=dataset,
         advantage_gating=False,
@@ -164,11 +149,11 @@ def test_mixed_image_counts_train(tiny, tmp_path, family):
     assert np.isfinite(trainer.state.log_history[0]["loss"])
 
 
-def test_each_image_of_a_prompt_gets_its_own_views(tiny, tmp_path):
+def test_each_image_of_a_prompt_gets_its_own_views(tiny_vlm, tmp_path):
     """Two identical images in one prompt still get different views: each image has its own seed."""
     image = textured_image(5)
     dataset = _rows([[image, image.copy()]])
-    trainer = make_trainer(tiny("qwen2_5_vl"), tmp_path, dataset=dataset, advantage_gating=False)
+    trainer = make_trainer(tiny_vlm("qwen2_5_vl"), tmp_path, dataset=dataset, advantage_gating=False)
     inputs = generation_batch(trainer)
     view = inputs[VIEWS_KEY][0]
     for which in ("preserved", "removed"):
@@ -178,7 +163,7 @@ def test_each_image_of_a_prompt_gets_its_own_views(tiny, tmp_path):
         assert view[which]["image_grid_thw"].shape[0] == 2
 
 
-def test_views_follow_their_rows_through_shuffle_and_split(tiny, tmp_path, monkeypatch):
+def test_views_follow_their_rows_through_shuffle_and_split(tiny_vlm, tmp_path, monkeypatch):
     """With steps_per_generation > 1 TRL shuffles and splits the generation batch; every row that reaches the loss
     must carry the views rebuilt from its own prompt's images."""
     texts = ["Is the square red?", "How many circles are there?", "What colour is the top left block?", "Say yes."]
@@ -186,7 +171,7 @@ def test_views_follow_their_rows_through_shuffle_and_split(tiny, tmp_path, monke
         [{"prompt": _prompt(t, 1), "images": [textured_image(10 + i)]} for i, t in enumerate(texts)]
     )
     trainer = make_trainer(
-        tiny("qwen2_5_vl"),
+        tiny_vlm("qwen2_5_vl"),
         tmp_path,
         dataset=dataset,
         advantage_gating=False,
@@ -260,12 +245,12 @@ def _odd_images() -> dict[str, Image.Image]:
     }
 
 
-def test_odd_image_modes_and_sizes_train(tiny, tmp_path):
+def test_odd_image_modes_and_sizes_train(tiny_vlm, tmp_path):
     images = _odd_images()
     assert images["I;16"].mode == "I;16" and images["exif"].getexif().get(0x0112) == 6
     dataset = _rows([[im] for im in images.values()])
     trainer = make_trainer(
-        tiny("qwen2_5_vl"),
+        tiny_vlm("qwen2_5_vl"),
         tmp_path,
         dataset=dataset,
         advantage_gating=False,
@@ -300,8 +285,8 @@ def _patch_generation(monkeypatch, make_completion):
     monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", fake)
 
 
-def test_eos_only_completions_are_finite(tiny, tmp_path, monkeypatch):
-    trainer = make_trainer(tiny("qwen2_5_vl"), tmp_path, advantage_gating=False, cpl_weight=1.0)
+def test_eos_only_completions_are_finite(tiny_vlm, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_vlm("qwen2_5_vl"), tmp_path, advantage_gating=False, cpl_weight=1.0)
     _patch_generation(monkeypatch, lambda self, i: [self.eos_token_ids[0]])
     inputs = generation_batch(trainer)
     assert inputs["completion_ids"].shape == (4, 1) and inputs["completion_mask"].sum() == 4
@@ -310,10 +295,10 @@ def test_eos_only_completions_are_finite(tiny, tmp_path, monkeypatch):
     assert trainer._metrics["train"]["cppo/extra_pass_rows"][-1] == 4
 
 
-def test_all_completions_masked_after_truncation(tiny, tmp_path, monkeypatch):
+def test_all_completions_masked_after_truncation(tiny_vlm, tmp_path, monkeypatch):
     """`mask_truncated_completions=True` and every completion hits the length limit: no loss token, no extra pass."""
     trainer = make_trainer(
-        tiny("qwen2_5_vl"), tmp_path, advantage_gating=False, cpl_weight=1.0, mask_truncated_completions=True
+        tiny_vlm("qwen2_5_vl"), tmp_path, advantage_gating=False, cpl_weight=1.0, mask_truncated_completions=True
     )
     word = trainer.processing_class.tokenizer.convert_tokens_to_ids("the")
     _patch_generation(monkeypatch, lambda self, i: [word] * self.max_completion_length)
@@ -328,8 +313,8 @@ def test_all_completions_masked_after_truncation(tiny, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
-def test_completion_with_image_token_is_truncated_before_it(tiny, tmp_path, monkeypatch, family):
-    trainer = make_trainer(tiny(family), tmp_path, advantage_gating=False, cpl_weight=1.0)
+def test_completion_with_image_token_is_truncated_before_it(tiny_vlm, tmp_path, monkeypatch, family):
+    trainer = make_trainer(tiny_vlm(family), tmp_path, advantage_gating=False, cpl_weight=1.0)
     image_token = trainer.model.config.image_token_id
     word = trainer.processing_class.tokenizer.convert_tokens_to_ids("the")
     eos = trainer.eos_token_ids[0]
@@ -352,7 +337,7 @@ def test_completion_with_image_token_is_truncated_before_it(tiny, tmp_path, monk
     assert all(h["cppo/truncated_at_image_token"] == 3 for h in trainer.state.log_history if "loss" in h)
 
 
-def test_truncated_completion_text_is_redecoded(tiny, tmp_path, monkeypatch):
+def test_truncated_completion_text_is_redecoded(tiny_vlm, tmp_path, monkeypatch):
     """Rewards see the text of what is trained: the tokens after the placeholder are gone from the completion."""
     seen = []
 
@@ -360,7 +345,7 @@ def test_truncated_completion_text_is_redecoded(tiny, tmp_path, monkeypatch):
         seen.extend(c[0]["content"] for c in completions)
         return hashed_reward(completions)
 
-    trainer = make_trainer(tiny("qwen2_5_vl"), tmp_path)
+    trainer = make_trainer(tiny_vlm("qwen2_5_vl"), tmp_path)
     trainer.reward_funcs = [reward]
     tok = trainer.processing_class.tokenizer
     image_token = trainer.model.config.image_token_id
@@ -376,7 +361,7 @@ def test_empty_preserving_set_rejected():
 
 
 # ------------------------------------------------------------------ 4. resume and determinism
-def test_same_seed_same_views(tiny, tmp_path, monkeypatch):
+def test_same_seed_same_views(tiny_vlm, tmp_path, monkeypatch):
     recorded = {"a": [], "b": []}
     original = CPPOTrainer._build_views
     run = "a"
@@ -390,7 +375,7 @@ def test_same_seed_same_views(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(CPPOTrainer, "_build_views", build)
     losses = {}
     for run in ("a", "b"):  # noqa: B007 -- `build` reads the loop variable
-        trainer = make_trainer(tiny("qwen2_5_vl"), tmp_path / run, advantage_gating=False, max_steps=2)
+        trainer = make_trainer(tiny_vlm("qwen2_5_vl"), tmp_path / run, advantage_gating=False, max_steps=2)
         trainer.train()
         losses[run] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses["a"] == losses["b"]
@@ -399,14 +384,14 @@ def test_same_seed_same_views(tiny, tmp_path, monkeypatch):
         assert all(torch.equal(x, y) for x, y in zip(va, vb, strict=True))
 
 
-def test_resume_reproduces_next_step_loss(tiny, tmp_path):
+def test_resume_reproduces_next_step_loss(tiny_vlm, tmp_path):
     common = {"advantage_gating": False, "cpl_weight": 1.0, "save_strategy": "steps", "save_steps": 2, "max_steps": 3}
-    full = make_trainer(tiny("qwen2_5_vl"), tmp_path / "full", **common)
+    full = make_trainer(tiny_vlm("qwen2_5_vl"), tmp_path / "full", **common)
     full.train()
     reference = [h for h in full.state.log_history if "loss" in h]
     checkpoint = tmp_path / "full" / "CPPOTrainer" / "checkpoint-2"
     assert checkpoint.is_dir()
-    resumed = make_trainer(tiny("qwen2_5_vl"), tmp_path / "resumed", **common)
+    resumed = make_trainer(tiny_vlm("qwen2_5_vl"), tmp_path / "resumed", **common)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     step3 = [h for h in resumed.state.log_history if "loss" in h]
     step3 = [h for h in step3 if h["step"] == 3]
@@ -416,8 +401,8 @@ def test_resume_reproduces_next_step_loss(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------ 6. numerics
-def test_bf16_autocast_keeps_cpl_finite(tiny, tmp_path):
-    trainer = make_trainer(tiny("qwen2_5_vl"), tmp_path, advantage_gating=False, cpl_weight=1.0)
+def test_bf16_autocast_keeps_cpl_finite(tiny_vlm, tmp_path):
+    trainer = make_trainer(tiny_vlm("qwen2_5_vl"), tmp_path, advantage_gating=False, cpl_weight=1.0)
     inputs = generation_batch(trainer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, grads = loss_and_grads(trainer, inputs)
@@ -427,9 +412,9 @@ def test_bf16_autocast_keeps_cpl_finite(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_extreme_logits_through_projection_stay_finite(tiny, tmp_path, autocast):
+def test_extreme_logits_through_projection_stay_finite(tiny_vlm, tmp_path, autocast):
     """Hidden states that give logits of ±1e4 through the trainer's own head transform and full-vocabulary KL."""
-    trainer = make_trainer(tiny("qwen2_5_vl"), tmp_path, cpl_divergence="full")
+    trainer = make_trainer(tiny_vlm("qwen2_5_vl"), tmp_path, cpl_divergence="full")
     head = trainer.model.get_output_embeddings()
     vocab, width = head.weight.shape
     weight = torch.zeros(vocab, width)

@@ -26,32 +26,15 @@ def _prompt(text: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Runs these tiny models on one thread: intra-op threading buys nothing at this size, and on a busy 2-core
-    machine torch's spinning worker threads made each GRPO step ~10x slower (1 s instead of 0.07 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """Builds each family once per module (building is ~0.5 s, but several tests share a folder)."""
-    root = tmp_path_factory.mktemp("tiny_vlms")
-    return lambda family: build_tiny_vlm(family, root / family)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
+def loaded(tiny_vlm):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     cache = {}
 
     def get(family):
         if family not in cache:
-            path = tiny_dir(family)
+            path = tiny_vlm(family)
             model = AutoModelForImageTextToText.from_pretrained(path).eval()
             cache[family] = (model, AutoProcessor.from_pretrained(path))
         return cache[family]
@@ -179,8 +162,8 @@ def _train_one_step(path, args):
 
 
 @pytest.mark.parametrize("family", TINY_VLM_FAMILIES)
-def test_grpo_step_updates_parameters(family, tiny_dir, tmp_path):
-    trainer, changed, elapsed = _train_one_step(tiny_dir(family), _grpo_args(tmp_path))
+def test_grpo_step_updates_parameters(family, tiny_vlm, tmp_path):
+    trainer, changed, elapsed = _train_one_step(tiny_vlm(family), _grpo_args(tmp_path))
     logger.info("%s: trainer.train() for one GRPO step took %.2fs", family, elapsed)
     assert changed, "no trainable parameter changed after one GRPO step"
     # The vision tower must be in the graph: a blind model would make perception-based rewards meaningless.
@@ -188,10 +171,10 @@ def test_grpo_step_updates_parameters(family, tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
-def test_grpo_step_with_trl_defaults(family, tiny_dir, tmp_path):
+def test_grpo_step_with_trl_defaults(family, tiny_vlm, tmp_path):
     """TRL's default activation checkpointing plus a KL term, which reloads the reference model from the folder."""
     args = _grpo_args(tmp_path, activation_checkpointing=True, beta=0.04)
-    trainer, changed, _ = _train_one_step(tiny_dir(family), args)
+    trainer, changed, _ = _train_one_step(tiny_vlm(family), args)
     assert trainer.args.gradient_checkpointing
     assert trainer.ref_model is not None
     assert changed
