@@ -13,12 +13,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+
+from .images import to_rgb
 
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,6 @@ PRESERVING_PERTURBATIONS: tuple[str, ...] = (
 )
 REMOVING_PERTURBATIONS: tuple[str, ...] = ("patch_occlusion", "zoom_crop", "noise_rectangles")
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _MAX_SEED = 2**63 - 1
 
 
@@ -128,47 +127,6 @@ class PerturbationParams:
         if value[0] > value[1]:
             raise ValueError(f"{field} must have low <= high, got {value!r}")
         object.__setattr__(self, field, (float(value[0]), float(value[1])))
-
-
-def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Normalise any PIL image to 8-bit RGB as a VLM processor expects, so views and the anchor see the same pixels.
-
-    - EXIF orientation is applied first (what a viewer, and transformers' `load_image`, shows); the size returned is
-      the transposed one.
-    - Transparency (an alpha band, premultiplied or not, or a `transparency` entry) is composited onto white, as
-      transformers' `convert_to_rgb` does.
-    - 16-bit integer modes (`I;16*`) are rescaled by their bit depth (65535 -> 255) instead of clipped. Mode `I` is
-      32-bit, but Pillow uses it as the container for 16-bit samples, so it is read on the same 0..65535 scale;
-      values outside it are clipped (with a warning).
-    - Mode `F` is read on the 0..255 scale Pillow itself assumes for `F` -> `L`, clipped and rounded (NaN -> 0). A
-      per-image min-max stretch would make brightness depend on content, so it is not used.
-    - Every other mode (1, L, P, CMYK, YCbCr, LAB, HSV, ...) goes through Pillow's own `convert("RGB")`.
-    """
-    if not isinstance(image, PIL.Image.Image):
-        raise TypeError(f"to_rgb expects a PIL.Image.Image, got {type(image).__name__}")
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"cannot build views of an empty image (size {image.size})")
-    image = PIL.ImageOps.exif_transpose(image)
-
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
-        values = np.asarray(image)
-        if image.mode == "F":
-            values = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 255.0)
-            max_value = 255.0
-        else:
-            if image.mode == "I" and (values.min() < 0 or values.max() > 65535):
-                logger.warning("to_rgb: mode 'I' values outside 0..65535 are clipped (read as 16-bit samples)")
-                values = np.clip(values, 0, 65535)
-            max_value = 65535.0
-        grey = np.rint(values.astype(np.float64) * (255.0 / max_value)).astype(np.uint8)
-        return PIL.Image.fromarray(grey).convert("RGB")
-
-    bands = image.getbands()
-    if "A" in bands or "a" in bands or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def view_seed(base_seed: int, step: int, sample_key: str | bytes) -> int:
