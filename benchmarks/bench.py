@@ -40,6 +40,8 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from cppo_trl.views import with_prepared_images
+
 
 logger = logging.getLogger("cppo_bench")
 
@@ -346,10 +348,8 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
         _sync(args.device)
         generation = clock() - start
         # Naive views for every row, built from the same (RGB-normalised) rows, timed on their own.
-        from cppo_trl.trainer import _with_rgb_images
-
         start = clock()
-        naive_views = naive._build_views([_with_rgb_images(r) for r in batch], inputs)
+        naive_views = naive._build_views([with_prepared_images(r, naive._pixel_budget) for r in batch], inputs)
         naive_build = clock() - start
         f = cppo._cpl_rows(inputs).numel() / inputs["completion_ids"].size(0)
 

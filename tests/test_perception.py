@@ -8,9 +8,9 @@ import torch
 from cppo_trl.perception import (
     CPL_AGGREGATIONS,
     CPL_DIVERGENCES,
-    CPL_LOSS_TYPES,
     PERCEPTION_SCORES,
-    aggregate_cpl,
+    POLICY_LOSS_TYPES,
+    aggregate_like_policy_loss,
     contrastive_loss_from_divergences,
     contrastive_perception_loss,
     entropy_from_logits,
@@ -345,7 +345,7 @@ _ROW_TOKENS = torch.tensor([3.0, 2.0])
 )
 def test_aggregate_hand_values(loss_type, expected, extra):
     row_sums = _ROW_SUMS.clone().requires_grad_(True)
-    value = aggregate_cpl(row_sums, _ROW_TOKENS, loss_type, **extra)
+    value = aggregate_like_policy_loss(row_sums, _ROW_TOKENS, loss_type, **extra)
     assert value.shape == ()
     assert value.item() == pytest.approx(expected)
     value.backward()
@@ -353,24 +353,24 @@ def test_aggregate_hand_values(loss_type, expected, extra):
 
 
 def test_aggregate_all_loss_types_covered():
-    assert set(CPL_LOSS_TYPES) == {"grpo", "sapo", "bnpo", "dr_grpo", "luspo", "dapo", "cispo", "vespo"}
+    assert set(POLICY_LOSS_TYPES) == {"grpo", "sapo", "bnpo", "dr_grpo", "luspo", "dapo", "cispo", "vespo"}
 
 
 def test_aggregate_empty_rows_give_zero_not_nan():
     for loss_type in ("grpo", "bnpo"):
-        value = aggregate_cpl(torch.zeros(2), torch.zeros(2), loss_type)
+        value = aggregate_like_policy_loss(torch.zeros(2), torch.zeros(2), loss_type)
         assert value.item() == 0.0
 
 
 def test_aggregate_validation():
     with pytest.raises(ValueError, match="loss_type"):
-        aggregate_cpl(_ROW_SUMS, _ROW_TOKENS, "ppo")
+        aggregate_like_policy_loss(_ROW_SUMS, _ROW_TOKENS, "ppo")
     with pytest.raises(ValueError, match="max_completion_length"):
-        aggregate_cpl(_ROW_SUMS, _ROW_TOKENS, "dr_grpo")
+        aggregate_like_policy_loss(_ROW_SUMS, _ROW_TOKENS, "dr_grpo")
     with pytest.raises(ValueError, match="tokens_per_micro_batch"):
-        aggregate_cpl(_ROW_SUMS, _ROW_TOKENS, "dapo")
+        aggregate_like_policy_loss(_ROW_SUMS, _ROW_TOKENS, "dapo")
     with pytest.raises(ValueError, match="shapes"):
-        aggregate_cpl(_ROW_SUMS, torch.ones(3), "grpo")
+        aggregate_like_policy_loss(_ROW_SUMS, torch.ones(3), "grpo")
 
 
 def test_contrastive_loss_from_divergences_matches_full_loss():

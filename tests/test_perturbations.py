@@ -1,9 +1,7 @@
-"""Tests for cppo_trl.perturbations: size preservation, determinism, information removal, to_rgb, validation."""
+"""Tests for cppo_trl.perturbations: size preservation, determinism, information removal, validation."""
 
 import dataclasses
 import inspect
-import io
-import logging
 import math
 import os
 import random
@@ -24,7 +22,6 @@ from cppo_trl.perturbations import (
     make_views,
     make_views_for_sample,
     sample_key,
-    to_rgb,
     view_seed,
 )
 
@@ -329,137 +326,6 @@ def test_perspective_survives_degenerate_tiny_images():
     for seed in range(50):
         for size in [(1, 1), (1, 5), (2, 2), (3, 2)]:
             assert apply_perturbation(_noise_image(*size), "perspective", params, _gen(seed)).size == size
-
-
-# --- to_rgb -----------------------------------------------------------------------------------------------------
-
-
-def test_to_rgb_composites_alpha_on_white():
-    rgba = PIL.Image.new("RGBA", (3, 1))
-    rgba.putpixel((0, 0), (255, 0, 0, 0))
-    rgba.putpixel((1, 0), (255, 0, 0, 255))
-    rgba.putpixel((2, 0), (255, 0, 0, 128))
-    out = to_rgb(rgba)
-    assert out.mode == "RGB"
-    assert out.getpixel((0, 0)) == (255, 255, 255)
-    assert out.getpixel((1, 0)) == (255, 0, 0)
-    assert out.getpixel((2, 0)) == (255, 127, 127)
-
-    la = PIL.Image.new("LA", (2, 1))
-    la.putpixel((0, 0), (50, 0))
-    la.putpixel((1, 0), (50, 255))
-    assert [to_rgb(la).getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (50, 50, 50)]
-
-    premultiplied = PIL.Image.new("RGBa", (1, 1), (0, 0, 0, 0))
-    assert to_rgb(premultiplied).getpixel((0, 0)) == (255, 255, 255)
-
-
-def test_to_rgb_palette_modes():
-    palette = PIL.Image.new("P", (2, 1))
-    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
-    palette.putpixel((1, 0), 1)
-    assert [to_rgb(palette).getpixel((x, 0)) for x in range(2)] == [(255, 0, 0), (0, 255, 0)]
-
-    palette.info["transparency"] = 0
-    assert [to_rgb(palette).getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (0, 255, 0)]
-
-    pa = PIL.Image.new("PA", (1, 1), (1, 0))
-    pa.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
-    assert to_rgb(pa).getpixel((0, 0)) == (255, 255, 255)
-
-    rgb_key = PIL.Image.new("RGB", (2, 1), (10, 20, 30))
-    rgb_key.putpixel((1, 0), (1, 2, 3))
-    rgb_key.info["transparency"] = (10, 20, 30)
-    assert [to_rgb(rgb_key).getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (1, 2, 3)]
-
-
-def test_to_rgb_matches_transformers_convert_to_rgb():
-    """The processor path must see the same pixels for every mode that transformers handles."""
-    from transformers.image_transforms import convert_to_rgb
-
-    images = [_noise_image(5, 4).convert(mode) for mode in ("RGBA", "LA", "L", "1", "P", "CMYK", "YCbCr")]
-    transparent = _noise_image(5, 4).convert("P")
-    transparent.info["transparency"] = 3
-    images.append(transparent)
-    alpha = _noise_image(5, 4).convert("RGBA")
-    alpha.putalpha(PIL.Image.fromarray(np.arange(20, dtype=np.uint8).reshape(4, 5) * 12))
-    images.append(alpha)
-    for image in images:
-        np.testing.assert_array_equal(np.asarray(to_rgb(image)), convert_to_rgb(image, return_numpy=True), image.mode)
-
-
-@pytest.mark.parametrize(
-    ("mode", "value", "expected"),
-    [
-        ("1", 1, (255, 255, 255)),
-        ("L", 77, (77, 77, 77)),
-        ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
-        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
-        ("YCbCr", (128, 128, 128), (128, 128, 128)),
-        ("HSV", (0, 255, 255), (255, 0, 0)),
-        ("RGB", (1, 2, 3), (1, 2, 3)),
-    ],
-)
-def test_to_rgb_standard_modes(mode, value, expected):
-    for size in [(1, 1), (3, 2)]:
-        out = to_rgb(PIL.Image.new(mode, size, value))
-        assert out.mode == "RGB" and out.size == size
-        assert out.getpixel((0, 0)) == expected
-
-
-def test_to_rgb_rescales_16_bit_by_bit_depth():
-    values = np.array([[0, 32768, 65535, 257]], dtype=np.uint16)
-    expected = [0, 128, 255, 1]
-    little = PIL.Image.fromarray(values)
-    big = PIL.Image.frombytes("I;16B", (4, 1), values.astype(">u2").tobytes())
-    as_int = PIL.Image.fromarray(values.astype(np.int32))
-    assert (little.mode, big.mode, as_int.mode) == ("I;16", "I;16B", "I")
-    for image in (little, big, as_int):
-        assert [to_rgb(image).getpixel((x, 0)) for x in range(4)] == [(v, v, v) for v in expected], image.mode
-
-
-def test_to_rgb_clips_out_of_range_int_with_warning(caplog):
-    image = PIL.Image.fromarray(np.array([[-5, 70000]], dtype=np.int32))
-    with caplog.at_level(logging.WARNING, logger="cppo_trl.perturbations"):
-        out = to_rgb(image)
-    assert [out.getpixel((x, 0)) for x in range(2)] == [(0, 0, 0), (255, 255, 255)]
-    assert "clipped" in caplog.text
-
-
-def test_to_rgb_float_on_0_255_scale():
-    image = PIL.Image.fromarray(np.array([[-5.0, 0.4, 127.6, 300.0, np.nan]], dtype=np.float32))
-    assert image.mode == "F"
-    assert [to_rgb(image).getpixel((x, 0))[0] for x in range(5)] == [0, 0, 128, 255, 0]
-
-
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
-def test_to_rgb_applies_exif_orientation(fmt):
-    image = PIL.Image.new("RGB", (40, 20), (0, 0, 255))
-    image.paste((255, 0, 0), (0, 0, 10, 10))  # top-left corner red
-    exif = PIL.Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, exif=exif.tobytes())
-    reloaded = PIL.Image.open(io.BytesIO(buffer.getvalue()))
-    assert reloaded.size == (40, 20)
-    out = to_rgb(reloaded)
-    assert out.size == (20, 40)
-    red, green, blue = out.getpixel((15, 5))  # top-left went to top-right
-    assert red > 200 and blue < 60
-
-
-def test_to_rgb_rejects_empty_and_non_images():
-    with pytest.raises(ValueError, match="empty"):
-        to_rgb(PIL.Image.new("RGB", (0, 5)))
-    with pytest.raises(TypeError):
-        to_rgb(np.zeros((4, 4, 3), dtype=np.uint8))
-
-
-def test_to_rgb_returns_new_image():
-    image = PIL.Image.new("RGB", (3, 3), (1, 2, 3))
-    out = to_rgb(image)
-    out.putpixel((0, 0), (9, 9, 9))
-    assert image.getpixel((0, 0)) == (1, 2, 3)
 
 
 # --- PerturbationParams validation --------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from trl.data_utils import apply_chat_template, prepare_multimodal_messages
 from cppo_trl import CPPOConfig, CPPOTrainer
 from cppo_trl.perturbations import make_views_for_sample, sample_key, to_rgb
 from cppo_trl.testing import TINY_VLM_FAMILIES
-from cppo_trl.trainer import VIEWS_KEY, VISION_KEYS, _stack_padded
+from cppo_trl.trainer import VIEWS_KEY
+from cppo_trl.views import VISION_KEYS, stack_padded
 
 
 def _prompt(text: str, num_images: int) -> list[dict]:
@@ -42,9 +43,9 @@ def _assert_views_match_layout(inputs):
     assert all(v is not None for v in views)
     for which in ("preserved", "removed"):
         expected = {k for k in VISION_KEYS if inputs.get(k) is not None}
-        assert set(views[0][which]) == expected, which
+        assert set(views[0].tensors[which]) == expected, which
         for k in expected:
-            stacked = _stack_padded([v[which][k] for v in views])
+            stacked = stack_padded([v.tensors[which][k] for v in views])
             assert stacked.shape == inputs[k].shape, (which, k)
             assert stacked.dtype == inputs[k].dtype, (which, k)
             if not k.startswith("pixel_values"):  # grid sizes, attention masks, image sizes: identical to the original
@@ -141,7 +142,7 @@ def test_mixed_image_counts_train(tiny_vlm, tmp_path, family):
     inputs = trainer._generate_and_score_completions(rows)
     views = inputs[VIEWS_KEY]
     assert views[4] is None and views[5] is None  # the text-only prompt
-    assert len(views[0]["names"]) == 2 and len(views[2]["names"]) == 1
+    assert len(views[0].transforms) == 2 and len(views[2].transforms) == 1
     loss, grads = loss_and_grads(trainer, inputs)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
     assert trainer._metrics["train"]["cppo/extra_pass_rows"][-1] == 4
@@ -157,10 +158,10 @@ def test_each_image_of_a_prompt_gets_its_own_views(tiny_vlm, tmp_path):
     inputs = generation_batch(trainer)
     view = inputs[VIEWS_KEY][0]
     for which in ("preserved", "removed"):
-        pixels = view[which]["pixel_values"]
+        pixels = view.tensors[which]["pixel_values"]
         first, second = pixels.chunk(2)  # both images have the same grid
         assert not torch.equal(first, second), which
-        assert view[which]["image_grid_thw"].shape[0] == 2
+        assert view.tensors[which]["image_grid_thw"].shape[0] == 2
 
 
 def test_views_follow_their_rows_through_shuffle_and_split(tiny_vlm, tmp_path, monkeypatch):
@@ -208,7 +209,7 @@ def test_views_follow_their_rows_through_shuffle_and_split(tiny_vlm, tmp_path, m
             )
             for which in ("preserved", "removed"):
                 expected = processor(images=[[getattr(v, which) for v in rebuilt]], text=[text], return_tensors="pt")
-                assert torch.equal(view[which]["pixel_values"], expected["pixel_values"]), (text, which)
+                assert torch.equal(view.tensors[which]["pixel_values"], expected["pixel_values"]), (text, which)
             checked.append(text)
         return original_loss(self, model, inputs)
 
@@ -267,8 +268,8 @@ def test_odd_image_modes_and_sizes_train(tiny_vlm, tmp_path):
     views = inputs[VIEWS_KEY]
     assert all(v is not None for v in views)
     for v in views:
-        assert all(torch.isfinite(v[w]["pixel_values"]).all() for w in ("preserved", "removed"))
-    rotated = views[2 * list(images).index("exif")]["preserved"]["image_grid_thw"][0]
+        assert all(torch.isfinite(v.tensors[w]["pixel_values"]).all() for w in ("preserved", "removed"))
+    rotated = views[2 * list(images).index("exif")].tensors["preserved"]["image_grid_thw"][0]
     assert rotated[1] > rotated[2]  # EXIF applied: portrait (taller than wide) patch grid
     loss, grads = loss_and_grads(trainer, inputs)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
@@ -368,8 +369,8 @@ def test_same_seed_same_views(tiny_vlm, tmp_path, monkeypatch):
 
     def build(self, inputs, output):
         views = original(self, inputs, output)
-        recorded[run].append([None if v is None else v["removed"]["pixel_values"].clone() for v in views])
-        recorded[run].append([None if v is None else v["preserved"]["pixel_values"].clone() for v in views])
+        recorded[run].append([None if v is None else v.tensors["removed"]["pixel_values"].clone() for v in views])
+        recorded[run].append([None if v is None else v.tensors["preserved"]["pixel_values"].clone() for v in views])
         return views
 
     monkeypatch.setattr(CPPOTrainer, "_build_views", build)

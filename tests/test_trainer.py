@@ -16,7 +16,7 @@ from conftest import (
 from trl import GRPOTrainer
 
 from cppo_trl import CPPOConfig, CPPOTrainer
-from cppo_trl.trainer import VIEWS_KEY, _AnchorCapture
+from cppo_trl.trainer import VIEWS_KEY
 
 
 @pytest.mark.parametrize("divergence", ["full", "k3"])
@@ -98,7 +98,7 @@ def test_every_loss_type_trains(tiny_qwen, tmp_path, loss_type):
 
 
 def test_unknown_loss_type_rejected(tiny_qwen, tmp_path, monkeypatch):
-    monkeypatch.setattr("cppo_trl.trainer.CPL_LOSS_TYPES", ("dapo",))
+    monkeypatch.setattr("cppo_trl.trainer.POLICY_LOSS_TYPES", ("dapo",))
     with pytest.raises(ValueError, match="loss_type='grpo' is not supported"):
         make_trainer(tiny_qwen, tmp_path, loss_type="grpo")
 
@@ -107,23 +107,22 @@ def test_full_mode_logits_match_trl_fused_head(tiny_qwen, tmp_path):
     """The logits CPPO builds at selected positions give exactly TRL's anchor log-probs (same head transform)."""
     trainer = make_trainer(tiny_qwen, tmp_path, temperature=0.7)
     inputs = generation_batch(trainer)
-    trainer._anchor_capture = _AnchorCapture(need_hidden=True)
     input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     T = inputs["completion_ids"].size(1)
-    logps, _, _ = trainer._get_per_token_logps_and_entropies(
-        trainer.model,
-        input_ids,
-        attention_mask,
-        T,
-        compute_entropy=True,
-        pixel_values=inputs["pixel_values"],
-        image_grid_thw=inputs["image_grid_thw"],
-        num_images=inputs["num_images"],
-        mm_token_type_ids=inputs.get("mm_token_type_ids"),
-    )
-    hidden = trainer._anchor_capture.hidden
-    trainer._anchor_capture = None
+    with trainer.anchor_capture(need_hidden=True) as capture:
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model,
+            input_ids,
+            attention_mask,
+            T,
+            compute_entropy=True,
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+            num_images=inputs["num_images"],
+            mm_token_type_ids=inputs.get("mm_token_type_ids"),
+        )
+    hidden = capture.hidden
     head = trainer.model.get_output_embeddings()
     logits = trainer._project(hidden[:, -T - 1 : -1], head.weight, head.bias)
     mine = torch.log_softmax(logits, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
@@ -138,8 +137,8 @@ def test_views_are_per_prompt_deterministic_and_survive_shuffle(tiny_qwen, tmp_p
     assert views[0] is views[3] and views[4] is views[7] and views[0] is not views[4]
     again = trainer._build_views([trainer.train_dataset[i // 4] for i in range(8)], inputs)
     for a, b in zip(views, again, strict=True):
-        assert torch.equal(a["removed"]["pixel_values"], b["removed"]["pixel_values"])
-    assert not torch.equal(views[0]["removed"]["pixel_values"], views[0]["preserved"]["pixel_values"])
+        assert torch.equal(a.tensors["removed"]["pixel_values"], b.tensors["removed"]["pixel_values"])
+    assert not torch.equal(views[0].tensors["removed"]["pixel_values"], views[0].tensors["preserved"]["pixel_values"])
     from trl.trainer.utils import shuffle_sequence_dict, split_pixel_values_by_grid, split_tensor_dict
 
     torch.manual_seed(3)

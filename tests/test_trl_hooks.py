@@ -84,3 +84,14 @@ def test_trainer_identity_for_the_model_card():
     assert "cppo" in CPPOTrainer._tag_names
     assert "Contrastive Perception" in CPPOTrainer._paper["title"]
     assert "@article" in CPPOTrainer._paper["citation"]
+
+
+def test_vllm_generate_reports_the_prompt_ids_trl_discards():
+    """The vLLM guard wraps `vllm_generation.generate` and reads its first return value, which TRL drops."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    assert params(VLLMGeneration.generate) == ["self", "prompts", "images", "num_generations", "profiler"]
+    assert "Tuple of (prompt_ids, completion_ids, logprobs, logprob_token_ids)" in VLLMGeneration.generate.__doc__
+    source = inspect.getsource(GRPOTrainer._generate_single_turn)
+    assert "_, completion_ids, logprobs, _ = self.vllm_generation.generate(" in source
+    assert "prompts=prompt_ids" in source and "images=images" in source

@@ -186,8 +186,13 @@ class CPPOConfig(GRPOConfig):
     occlusion_ratio: float = field(
         default=0.8, metadata={"help": "Fraction of patches blacked out by patch_occlusion (paper: 80%)."}
     )
-    occlusion_patch_size: int = field(
-        default=28, metadata={"help": "Side in pixels of an occlusion patch (28 = one merged Qwen2.5-VL token)."}
+    occlusion_patch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Side in pixels of an occlusion patch. None: one merged vision token of the processor's grid "
+            "(patch x merge size: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL), on which images arrive, so a patch hides "
+            "exactly one token; 28 for processors without such a grid."
+        },
     )
     zoom_crop_side_range: list[float] | None = field(
         default=None,
@@ -277,4 +282,7 @@ class CPPOConfig(GRPOConfig):
     @property
     def perturbation_params(self) -> PerturbationParams:
         """The perturbation fields as the frozen, validated `PerturbationParams` the view builder takes."""
-        return PerturbationParams(**{name: getattr(self, name) for name in PERTURBATION_FIELDS})
+        values = {name: getattr(self, name) for name in PERTURBATION_FIELDS}
+        if values["occlusion_patch_size"] is None:  # the trainer aligns it to the processor's token grid
+            del values["occlusion_patch_size"]
+        return PerturbationParams(**values)

@@ -18,8 +18,8 @@ __all__ = [
     "CPL_AGGREGATIONS",
     "CPL_DIVERGENCES",
     "PERCEPTION_SCORES",
-    "CPL_LOSS_TYPES",
-    "aggregate_cpl",
+    "POLICY_LOSS_TYPES",
+    "aggregate_like_policy_loss",
     "contrastive_loss_from_divergences",
     "contrastive_perception_loss",
     "entropy_from_logits",
@@ -32,8 +32,8 @@ __all__ = [
 PERCEPTION_SCORES = ("raw", "normalized")  # paper: ΔH; released: relu(ΔH) / (H(I⁻) + 1e-6)
 CPL_DIVERGENCES = ("full", "k3")  # paper: full-vocabulary KL; released: k3 on the sampled token
 CPL_AGGREGATIONS = ("all_tokens", "selected_tokens")  # paper: like the policy loss (Eq. 9); released: / selected
-# TRL 1.16's loss types, each with its own policy-loss normaliser that `aggregate_cpl` mirrors.
-CPL_LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "luspo", "dapo", "cispo", "vespo")
+# TRL 1.16's loss types, each with its own policy-loss normaliser that `aggregate_like_policy_loss` mirrors.
+POLICY_LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "luspo", "dapo", "cispo", "vespo")
 
 _K3_LOG_RATIO_CLAMP = 20.0  # verl low_var_kl clamps the log-ratio to ±20 ...
 _K3_MAX = 10.0  # ... and the estimate to [-10, 10]
@@ -189,7 +189,7 @@ def contrastive_loss_from_divergences(d_pos: Tensor, d_neg: Tensor, temperature:
     return F.softplus((d_pos - d_neg) / temperature)  # (...)
 
 
-def aggregate_cpl(
+def aggregate_like_policy_loss(
     row_sums: Tensor,
     row_tokens: Tensor,
     loss_type: str,
@@ -197,16 +197,17 @@ def aggregate_cpl(
     max_completion_length: int | None = None,
     tokens_per_micro_batch: Tensor | float | None = None,
 ) -> Tensor:
-    """Batch CPL from per-rollout sums Σ_t g_i m_it ℓ_it, normalised the way TRL normalises its policy loss.
+    """Batch value of an extra per-token loss term from per-rollout sums, normalised the way TRL normalises its policy
+    loss; CPL's sums are Σ_t g_i m_it ℓ_it, PAPO's Σ_t of its terms over all completion tokens.
 
     `row_sums` (B,) is 0 for rollouts the gate drops; `row_tokens` (B,) counts each rollout's completion tokens |o_i|.
-    With `"grpo"` (and `"sapo"`) this is Eq. 9 literally: (1/B) Σ_i (1/|o_i|) Σ_t m_it ℓ_it; the token-level types
+    For CPL with `"grpo"` (and `"sapo"`) this is Eq. 9 literally: (1/B) Σ_i (1/|o_i|) Σ_t m_it ℓ_it; the token-level types
     divide by completion tokens instead, as the paper's token-mean aggregation does (SPEC §2). Matching TRL's
     normaliser keeps λ's meaning whatever `loss_type` is. Not scaled for gradient accumulation (the caller does it).
     `"dapo"`, `"cispo"` and `"vespo"` need `tokens_per_micro_batch` (TRL: global tokens / processes / steps per
     generation); `"dr_grpo"` needs `max_completion_length`.
     """
-    _check_choice("loss_type", loss_type, CPL_LOSS_TYPES)
+    _check_choice("loss_type", loss_type, POLICY_LOSS_TYPES)
     _check_same_shape(row_sums=row_sums, row_tokens=row_tokens)
     if loss_type in ("grpo", "sapo"):
         return (row_sums / row_tokens.clamp(min=1)).mean()

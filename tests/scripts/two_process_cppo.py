@@ -45,18 +45,18 @@ def main(model_dir: str, output_dir: str) -> None:
     )
     trainer = CPPOTrainer(model=model_dir, reward_funcs=hashed_reward, args=args, train_dataset=dataset)
     view_hashes: dict[str, list[str]] = {}
-    process_views = trainer._process_views
+    make_view_images = trainer._make_view_images
 
-    def recording(index, text, images, key, expected_ids):
-        views = process_views(index, text, images, key, expected_ids)
+    def recording(raw_images, images, key):
+        views = make_view_images(raw_images, images, key)
         digest = hashlib.sha256()
-        for which in ("preserved", "removed"):
-            for name in sorted(views[which]):
-                digest.update(views[which][name].contiguous().numpy().tobytes())
+        for which in sorted(views.images):
+            for image in views.images[which]:
+                digest.update(image.tobytes())
         view_hashes.setdefault(f"{trainer.state.global_step}:{key.hex()}", []).append(digest.hexdigest())
         return views
 
-    trainer._process_views = recording
+    trainer._make_view_images = recording
     trainer.train()
     logs = [{k: v for k, v in h.items() if k.startswith("cppo/") or k == "step"} for h in trainer.state.log_history]
     result = {

@@ -1,0 +1,290 @@
+"""`PerceptionGRPOTrainer`: the TRL glue CPPO and PAPO share, so each method's trainer only says which passes and which
+loss. Relies on TRL 1.16 private hooks; `tests/test_trl_hooks.py` fails if any of them changes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from safetensors import safe_open
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from trl import GRPOTrainer
+
+from .images import PixelBudget
+from .perception import aggregate_like_policy_loss
+from .views import SampleViews, view_forward_kwargs, with_prepared_images
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AnchorCapture:
+    """What the policy's own forward (the GRPO loss pass) yields for a perception loss: log-probs and entropies of the
+    completion tokens with the original image, and optionally the backbone's last hidden states."""
+
+    need_hidden: bool
+    logps: torch.Tensor | None = None  # (B, T)
+    entropies: torch.Tensor | None = None  # (B, T)
+    hidden: torch.Tensor | None = None  # (B, L, H)
+
+
+@dataclass
+class ViewPass:
+    """A teacher-forced pass of some rows with a view in place of their images."""
+
+    logps: torch.Tensor  # (R, T)
+    entropies: torch.Tensor | None  # (R, T)
+    hidden: torch.Tensor | None  # (R, T, H): the state just before each completion token
+
+
+class PerceptionGRPOTrainer(GRPOTrainer):
+    """
+    [`~trl.GRPOTrainer`] plus what a perception-aware method needs, and fixes to TRL 1.16 on vision-language data:
+
+    1. Prompt images are normalised once, before TRL, the views and vLLM see them: 8-bit RGB (`to_rgb`), then resized
+       to the processor's own pixel budget (`PixelBudget`), so every consumer computes the same vision-token grid.
+    2. `_attach_views` (a subclass hook) stores per-sample views after rollouts are scored (`cppo_trl.views`).
+    3. `anchor_capture()` captures the log-probs/entropies (and hidden states) of TRL's own policy forward in the loss,
+       so the original-image pass is never recomputed; `_view_forward` runs the same forward with a view's tensors.
+    4. `_aggregate_like_policy_loss` normalises a per-token term exactly like TRL normalises the policy loss for the
+       configured `loss_type`, scaled for gradient accumulation the same way.
+    5. Fixes: a text-only prompt in a multimodal batch no longer crashes the processor; a completion containing an
+       image placeholder token is cut before it; vLLM's prompt ids are checked against the processor's; resuming a
+       transformers-5 VLM checkpoint reloads every weight.
+
+    Subclasses set `_metric_prefix` and override `_attach_views` and `_compute_loss` (calling `super()`).
+    """
+
+    _metric_prefix = "perception"
+
+    def __init__(self, model, reward_funcs, args=None, **kwargs):
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        self._anchor_capture: AnchorCapture | None = None
+        self._pixel_budget = PixelBudget.from_processor(self.processing_class)
+        # Image/video placeholder ids of the model: a completion must not contain them (see `_generate`).
+        self._placeholder_ids = _placeholder_token_ids(self._policy_lm(self.model).config)
+        if self.use_vllm:
+            # TRL 1.16 `_generate_single_turn` discards the prompt ids vLLM reports; wrap the one call to check them.
+            self.vllm_generation.generate = self._checked_vllm_generate(self.vllm_generation.generate)
+
+    # ------------------------------------------------------------------ rollouts
+    def _generate_and_score_completions(self, inputs):
+        raw_inputs = inputs
+        inputs = [with_prepared_images(row, self._pixel_budget) for row in inputs]
+        output = super()._generate_and_score_completions(inputs)
+        if output.get("num_images") is not None:
+            self._attach_views(inputs, raw_inputs, output)
+        return output
+
+    def _attach_views(self, inputs: list[dict], raw_inputs: list[dict], output: dict) -> None:
+        """Store per-sample views in `output` (rows scored by TRL, the same rows before image preparation)."""
+
+    def _generate(self, prompts: list):
+        """TRL 1.16 returns `None` for a prompt without image in a multimodal batch, and then passes that list to the
+        processor, which rejects `None`; an empty list is what the processor (and `num_images`) expect.
+
+        A completion containing an image/video placeholder token (possible with vLLM, a custom `rollout_func` or
+        `generation_kwargs` overriding TRL's `suppress_tokens`) makes every later forward fail: the model finds more
+        placeholder tokens than image features. Such a completion is cut just before its first placeholder (its
+        `logprobs`/`tool_mask` entries too) and its text re-decoded, so rewards score what is trained; the cut
+        completion no longer ends with EOS, so TRL counts it as truncated (`mask_truncated_completions` masks it). A
+        completion that would become empty keeps one EOS token (sampling log-prob unknown: NaN, which TRL
+        neutralises). The count is logged as `<prefix>/truncated_at_image_token`."""
+        prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = (
+            super()._generate(prompts)
+        )
+        if images is not None and any(image_list for image_list in images):
+            images = [image_list or [] for image_list in images]
+        truncated = 0
+        if self._placeholder_ids:
+            for i, ids in enumerate(completion_ids):
+                cut = next((t for t, token in enumerate(ids) if token in self._placeholder_ids), None)
+                if cut is None:
+                    continue
+                truncated += 1
+                completion_ids[i] = list(ids[:cut]) if cut > 0 else [self.eos_token_ids[0]]
+                if logprobs is not None:
+                    logprobs[i] = list(logprobs[i][:cut]) if cut > 0 else [None]
+                if tool_mask is not None:
+                    tool_mask[i] = list(tool_mask[i][:cut]) if cut > 0 else [1]
+                text = self.processing_class.decode(completion_ids[i], skip_special_tokens=True)
+                completions[i] = [{"role": "assistant", "content": text}] if isinstance(completions[i], list) else text
+        total = self.accelerator.reduce(torch.tensor(float(truncated), device=self.accelerator.device), "sum")
+        self._metrics[self._mode][f"{self._metric_prefix}/truncated_at_image_token"].append(total.item())
+        return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
+
+    def _checked_vllm_generate(self, generate):
+        """TRL 1.16 sends vLLM processor-expanded prompt ids plus the raw images; for some model families vLLM expands
+        the image placeholders a second time and generates from a corrupted prompt. Every prompt id list vLLM reports
+        must equal the one it was given; a mismatch is an error naming the sample, the family and the way out."""
+
+        def checked(prompts, images, num_generations, profiler=None):
+            result = generate(prompts=prompts, images=images, num_generations=num_generations, profiler=profiler)
+            check_vllm_prompt_ids(prompts, result[0], self._policy_lm(self.model).config, self._placeholder_ids)
+            self._metrics[self._mode][f"{self._metric_prefix}/vllm_prompts_checked"].append(float(len(prompts)))
+            return result
+
+        return checked
+
+    @property
+    def _mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """transformers 5 saves VLMs under their Hub key names (`save_pretrained` reverses the in-memory renaming, e.g.
+        Qwen2.5-VL `model.visual.*` -> `visual.*`), but `Trainer._load_from_checkpoint` loads the raw file with
+        `strict=False`: every renamed weight is silently skipped and the run resumes from the initial weights. When the
+        saved names are not the model's, reload them through `from_pretrained`, which applies the renaming."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
+        if is_peft_model(unwrapped) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return  # their own loaders (adapter files, engine/FSDP state) do not go through the raw state dict
+        single = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
+        index = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_INDEX_NAME)
+        if os.path.isfile(single):
+            with safe_open(single, "pt") as f:
+                saved = set(f.keys())
+        elif os.path.isfile(index):
+            with open(index) as f:
+                saved = set(json.load(f)["weight_map"])
+        else:
+            return
+        if saved <= set(unwrapped.state_dict()):
+            return  # names match: `super()` loaded them
+        dtype = next(unwrapped.parameters()).dtype
+        reloaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        unwrapped.load_state_dict(reloaded.state_dict())
+
+    # ------------------------------------------------------------------ the anchor: TRL's own policy forward
+    @contextmanager
+    def anchor_capture(self, need_hidden: bool) -> Iterator[AnchorCapture]:
+        """Within the block, the first policy forward (TRL's loss pass) records its outputs in the yielded capture."""
+        self._anchor_capture = AnchorCapture(need_hidden=need_hidden)
+        try:
+            yield self._anchor_capture
+        finally:
+            self._anchor_capture = None
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        capture = self._anchor_capture
+        if capture is None or capture.logps is not None:
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        with self._hidden_states(model) if capture.need_hidden else nullcontext([]) as hidden:
+            logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        capture.logps, capture.entropies = logps, entropies
+        capture.hidden = torch.cat(hidden, dim=0) if hidden else None
+        return logps, entropies, aux_loss
+
+    def _policy_lm(self, model):
+        """The model carrying TRL's fused LM head (PEFT's base model when an adapter is trained)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
+
+    @contextmanager
+    def _hidden_states(self, model) -> Iterator[list[torch.Tensor]]:
+        """Collect the backbone's last hidden states; TRL 1.16's fused head runs `model.base_model` then the head."""
+        collected: list[torch.Tensor] = []
+
+        def hook(module, args, output):
+            collected.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+        handle = self._policy_lm(model).base_model.register_forward_hook(hook)
+        try:
+            yield collected
+        finally:
+            handle.remove()
+
+    # ------------------------------------------------------------------ view passes and the extra loss
+    def _view_forward(
+        self,
+        model,
+        inputs: dict[str, Any],
+        views: Sequence[SampleViews],
+        rows: torch.Tensor,
+        name: str,
+        compute_entropy: bool = False,
+        need_hidden: bool = False,
+    ) -> ViewPass:
+        """Teacher-forced pass of `rows` (their prompt + completion tokens) with view `name` in place of their images,
+        through the parent's own forward (TRL 1.16 `_get_per_token_logps_and_entropies`), so it scores exactly like
+        the policy pass."""
+        completion_length = inputs["completion_ids"].size(1)
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)[rows]
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)[rows]
+        kwargs = view_forward_kwargs(views, name, inputs, rows, inputs["completion_ids"].device)
+        with self._hidden_states(model) if need_hidden else nullcontext([]) as hidden:
+            logps, entropies, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                self, model, input_ids, attention_mask, completion_length, compute_entropy=compute_entropy, **kwargs
+            )
+        completion_hidden = _completion_hidden(torch.cat(hidden), completion_length) if hidden else None
+        return ViewPass(logps, entropies, completion_hidden)
+
+    def _loss_mask(self, inputs) -> torch.Tensor:
+        """The tokens TRL 1.16's policy loss counts: completion mask times tool mask."""
+        mask = inputs["completion_mask"]
+        return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]  # (B, T)
+
+    def _aggregate_like_policy_loss(self, row_sums: torch.Tensor, inputs, mode: str) -> torch.Tensor:
+        """Batch value of a per-token term from its per-row masked sums (B,), normalised like TRL 1.16's policy loss
+        for `loss_type` and scaled for gradient accumulation the same way."""
+        mask = self._loss_mask(inputs)
+        tokens_per_micro_batch = None
+        if self.loss_type in ("dapo", "cispo", "vespo"):
+            # TRL 1.16: `num_items_in_batch` counts the whole generation batch's tokens over all processes.
+            tokens_per_micro_batch = inputs["num_items_in_batch"] / self.accelerator.num_processes
+            if mode == "train":
+                tokens_per_micro_batch = tokens_per_micro_batch / self.args.steps_per_generation
+        value = aggregate_like_policy_loss(
+            row_sums,
+            mask.sum(-1),
+            self.loss_type,
+            max_completion_length=self.max_completion_length,
+            tokens_per_micro_batch=tokens_per_micro_batch,
+        )
+        return value / (self.current_gradient_accumulation_steps if mode == "train" else 1)
+
+    def _reduce_sums(self, stats: dict[str, Any], keys: Sequence[str]) -> dict[str, float]:
+        """Sum `stats[k]` (0 when absent) over processes in ONE collective, identical on every rank whatever its rows."""
+        device = self.accelerator.device
+        local = torch.stack([torch.as_tensor(stats.get(k, 0.0), device=device, dtype=torch.float32) for k in keys])
+        return dict(zip(keys, self.accelerator.reduce(local, reduction="sum").tolist(), strict=True))
+
+
+def check_vllm_prompt_ids(
+    sent: Sequence[Sequence[int]], reported: Sequence[Sequence[int]], config, placeholder_ids: frozenset[int]
+) -> None:
+    """Raise if vLLM generated from other prompt ids than the processor's (see `_checked_vllm_generate`)."""
+    for index, (ours, theirs) in enumerate(zip(sent, reported, strict=True)):
+        if list(ours) == list(theirs):
+            continue
+        ours_images = sum(token in placeholder_ids for token in ours)
+        theirs_images = sum(token in placeholder_ids for token in theirs)
+        raise ValueError(
+            f"vLLM generated sample {index} from other prompt ids than the processor's: {len(theirs)} tokens "
+            f"({theirs_images} image placeholders) instead of {len(ours)} ({ours_images}), model type "
+            f"{config.model_type!r}. vLLM re-expanded the image placeholders or resized the image to another grid, so "
+            f"its completions belong to a corrupted prompt. Ways out: a vLLM version whose processor for this family "
+            f"accepts pre-expanded prompt ids, the same pixel budget on both sides (set the recipe's min_pixels / "
+            f"max_pixels, which cppo_trl applies to the images themselves), or `use_vllm: false`."
+        )
+
+
+def _placeholder_token_ids(config) -> frozenset[int]:
+    """Token ids the model replaces with vision features (`image_token_id`/`image_token_index`, video likewise)."""
+    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    return frozenset(getattr(config, n) for n in names if isinstance(getattr(config, n, None), int))
+
+
+def _completion_hidden(hidden: torch.Tensor, completion_length: int) -> torch.Tensor:
+    """(B, L, H) -> (B, T, H): the hidden state at position p predicts token p + 1, so completion token t is scored
+    from the state just before it."""
+    return hidden[:, -completion_length - 1 : -1]

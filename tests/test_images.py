@@ -1,0 +1,205 @@
+"""Tests for cppo_trl.images: to_rgb, and the pixel budget every consumer of a prompt image must agree on."""
+
+import io
+import logging
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from cppo_trl.images import PixelBudget, prepare_image, to_rgb
+
+
+def _noise_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+# --- the pixel budget -----------------------------------------------------------------------------------------------
+QWEN_BUDGET = {"size": {"shortest_edge": 3136, "longest_edge": 1003520}}  # the GPU recipes: 4 to 1280 merged tokens
+
+
+def _encode(processor, image):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=[[image]], return_tensors="pt")
+
+
+def test_budget_on_the_image_gives_the_processor_budget_prompt(tiny_vlm):
+    """A 3000x2000 image: the budgeted processor and a default processor (what TRL's colocated vLLM builds) fed the
+    pre-resized image produce the identical prompt; fed the raw image, the default one would not."""
+    path = tiny_vlm("qwen2_5_vl")
+    budgeted = AutoProcessor.from_pretrained(path, **QWEN_BUDGET)
+    default = AutoProcessor.from_pretrained(path, size={"shortest_edge": 3136, "longest_edge": 12845056})  # Qwen's own
+    image = _noise_image(3000, 2000)
+    budget = PixelBudget.from_processor(budgeted)
+    assert budget == PixelBudget(factor=28, min_pixels=3136, max_pixels=1003520)
+
+    reference = _encode(budgeted, image)
+    resized = prepare_image(image, budget)
+    assert resized.size == (1204, 812)  # 43 x 29 merged tokens of 28 px: 1247 <= 1280
+    for processor in (budgeted, default):
+        encoded = _encode(processor, resized)
+        assert torch.equal(encoded["input_ids"], reference["input_ids"])
+        assert torch.equal(encoded["image_grid_thw"], reference["image_grid_thw"])
+        # Same pixels up to the resampler (PIL bicubic here, torchvision bicubic in the fast processor).
+        torch.testing.assert_close(encoded["pixel_values"], reference["pixel_values"], atol=0.05, rtol=0)
+    raw_default = _encode(default, image)
+    assert raw_default["input_ids"].shape[1] > reference["input_ids"].shape[1] + 1000  # the bug the budget prevents
+    assert reference["image_grid_thw"].tolist() == [[1, 58, 86]]
+
+
+def test_fit_is_idempotent_and_on_the_grid():
+    budget = PixelBudget(factor=28, min_pixels=3136, max_pixels=1003520)
+    for size in [(3000, 2000), (17, 900), (28, 28), (1, 1), (1204, 812), (500, 333)]:
+        fitted = budget.fit(_noise_image(*size))
+        width, height = fitted.size
+        assert width % 28 == 0 and height % 28 == 0, size
+        assert 3136 <= width * height <= 1003520, size
+        assert budget.fit(fitted) is fitted  # already on the grid: left as it is
+        assert budget.token_grid(*size) == (width // 28, height // 28)
+
+
+def test_budget_from_processors(tiny_vlm):
+    assert PixelBudget.from_processor(AutoProcessor.from_pretrained(tiny_vlm("qwen3_vl"))).factor == 32
+    for family in ("gemma3", "llava", "idefics3"):  # fixed-size resize: no budget to agree on
+        assert PixelBudget.from_processor(AutoProcessor.from_pretrained(tiny_vlm(family))) is None
+
+
+def test_prepare_image_without_budget_only_converts():
+    image = PIL.Image.new("RGBA", (33, 17), (255, 0, 0, 255))
+    prepared = prepare_image(image, None)
+    assert prepared.mode == "RGB" and prepared.size == (33, 17)
+
+
+# --- to_rgb -----------------------------------------------------------------------------------------------------
+
+
+def test_to_rgb_composites_alpha_on_white():
+    rgba = PIL.Image.new("RGBA", (3, 1))
+    rgba.putpixel((0, 0), (255, 0, 0, 0))
+    rgba.putpixel((1, 0), (255, 0, 0, 255))
+    rgba.putpixel((2, 0), (255, 0, 0, 128))
+    out = to_rgb(rgba)
+    assert out.mode == "RGB"
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+    assert out.getpixel((1, 0)) == (255, 0, 0)
+    assert out.getpixel((2, 0)) == (255, 127, 127)
+
+    la = PIL.Image.new("LA", (2, 1))
+    la.putpixel((0, 0), (50, 0))
+    la.putpixel((1, 0), (50, 255))
+    assert [to_rgb(la).getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (50, 50, 50)]
+
+    premultiplied = PIL.Image.new("RGBa", (1, 1), (0, 0, 0, 0))
+    assert to_rgb(premultiplied).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_to_rgb_palette_modes():
+    palette = PIL.Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    assert [to_rgb(palette).getpixel((x, 0)) for x in range(2)] == [(255, 0, 0), (0, 255, 0)]
+
+    palette.info["transparency"] = 0
+    assert [to_rgb(palette).getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (0, 255, 0)]
+
+    pa = PIL.Image.new("PA", (1, 1), (1, 0))
+    pa.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    assert to_rgb(pa).getpixel((0, 0)) == (255, 255, 255)
+
+    rgb_key = PIL.Image.new("RGB", (2, 1), (10, 20, 30))
+    rgb_key.putpixel((1, 0), (1, 2, 3))
+    rgb_key.info["transparency"] = (10, 20, 30)
+    assert [to_rgb(rgb_key).getpixel((x, 0)) for x in range(2)] == [(255, 255, 255), (1, 2, 3)]
+
+
+def test_to_rgb_matches_transformers_convert_to_rgb():
+    """The processor path must see the same pixels for every mode that transformers handles."""
+    from transformers.image_transforms import convert_to_rgb
+
+    images = [_noise_image(5, 4).convert(mode) for mode in ("RGBA", "LA", "L", "1", "P", "CMYK", "YCbCr")]
+    transparent = _noise_image(5, 4).convert("P")
+    transparent.info["transparency"] = 3
+    images.append(transparent)
+    alpha = _noise_image(5, 4).convert("RGBA")
+    alpha.putalpha(PIL.Image.fromarray(np.arange(20, dtype=np.uint8).reshape(4, 5) * 12))
+    images.append(alpha)
+    for image in images:
+        np.testing.assert_array_equal(np.asarray(to_rgb(image)), convert_to_rgb(image, return_numpy=True), image.mode)
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "expected"),
+    [
+        ("1", 1, (255, 255, 255)),
+        ("L", 77, (77, 77, 77)),
+        ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+        ("YCbCr", (128, 128, 128), (128, 128, 128)),
+        ("HSV", (0, 255, 255), (255, 0, 0)),
+        ("RGB", (1, 2, 3), (1, 2, 3)),
+    ],
+)
+def test_to_rgb_standard_modes(mode, value, expected):
+    for size in [(1, 1), (3, 2)]:
+        out = to_rgb(PIL.Image.new(mode, size, value))
+        assert out.mode == "RGB" and out.size == size
+        assert out.getpixel((0, 0)) == expected
+
+
+def test_to_rgb_rescales_16_bit_by_bit_depth():
+    values = np.array([[0, 32768, 65535, 257]], dtype=np.uint16)
+    expected = [0, 128, 255, 1]
+    little = PIL.Image.fromarray(values)
+    big = PIL.Image.frombytes("I;16B", (4, 1), values.astype(">u2").tobytes())
+    as_int = PIL.Image.fromarray(values.astype(np.int32))
+    assert (little.mode, big.mode, as_int.mode) == ("I;16", "I;16B", "I")
+    for image in (little, big, as_int):
+        assert [to_rgb(image).getpixel((x, 0)) for x in range(4)] == [(v, v, v) for v in expected], image.mode
+
+
+def test_to_rgb_clips_out_of_range_int_with_warning(caplog):
+    image = PIL.Image.fromarray(np.array([[-5, 70000]], dtype=np.int32))
+    with caplog.at_level(logging.WARNING, logger="cppo_trl.images"):
+        out = to_rgb(image)
+    assert [out.getpixel((x, 0)) for x in range(2)] == [(0, 0, 0), (255, 255, 255)]
+    assert "clipped" in caplog.text
+
+
+def test_to_rgb_float_on_0_255_scale():
+    image = PIL.Image.fromarray(np.array([[-5.0, 0.4, 127.6, 300.0, np.nan]], dtype=np.float32))
+    assert image.mode == "F"
+    assert [to_rgb(image).getpixel((x, 0))[0] for x in range(5)] == [0, 0, 128, 255, 0]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_to_rgb_applies_exif_orientation(fmt):
+    image = PIL.Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 10, 10))  # top-left corner red
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, exif=exif.tobytes())
+    reloaded = PIL.Image.open(io.BytesIO(buffer.getvalue()))
+    assert reloaded.size == (40, 20)
+    out = to_rgb(reloaded)
+    assert out.size == (20, 40)
+    red, green, blue = out.getpixel((15, 5))  # top-left went to top-right
+    assert red > 200 and blue < 60
+
+
+def test_to_rgb_rejects_empty_and_non_images():
+    with pytest.raises(ValueError, match="empty"):
+        to_rgb(PIL.Image.new("RGB", (0, 5)))
+    with pytest.raises(TypeError):
+        to_rgb(np.zeros((4, 4, 3), dtype=np.uint8))
+
+
+def test_to_rgb_returns_new_image():
+    image = PIL.Image.new("RGB", (3, 3), (1, 2, 3))
+    out = to_rgb(image)
+    out.putpixel((0, 0), (9, 9, 9))
+    assert image.getpixel((0, 0)) == (1, 2, 3)

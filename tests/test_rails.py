@@ -1,0 +1,121 @@
+"""The rails every perception trainer rides on (`PerceptionGRPOTrainer`): one pixel budget for every consumer, occlusion
+aligned with the vision-token grid, and the guard on the prompt ids vLLM generates from."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import generation_batch, make_trainer, textured_image
+from datasets import Dataset
+
+from cppo_trl.base_trainer import check_vllm_prompt_ids
+from cppo_trl.images import PixelBudget
+from cppo_trl.trainer import REMOVED
+
+
+def _rows(images, text="What colour is the top left block?"):
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return Dataset.from_list([{"prompt": prompt, "images": [image]} for image in images])
+
+
+def test_images_reach_trl_and_the_views_at_the_budget(tiny_qwen, tmp_path):
+    """A 300x200 image above the tiny processor's 112x112-pixel cap: TRL's grid, the views' grid and the budget's
+    grid are one and the same, because the trainer resizes the image itself before anyone processes it."""
+    trainer = make_trainer(tiny_qwen, tmp_path, dataset=_rows([textured_image(1, 300).resize((300, 200))]))
+    budget = trainer._pixel_budget
+    assert budget == PixelBudget(factor=28, min_pixels=784, max_pixels=12544)
+    inputs = generation_batch(trainer)
+    columns, rows = budget.token_grid(300, 200)
+    assert inputs["image_grid_thw"].tolist() == [[1, 2 * rows, 2 * columns]] * 4  # 14-px patches, merged 2x2
+    view = next(v for v in inputs["cppo_views"] if v is not None)
+    for name in ("preserved", "removed"):
+        assert view.tensors[name]["image_grid_thw"].tolist() == [[1, 2 * rows, 2 * columns]]
+
+
+def test_occlusion_hides_whole_vision_tokens(tiny_qwen, tmp_path):
+    """With the image at its processed size, every 28x28 cell of the removing view is either all black or untouched:
+    a patch is exactly one merged vision token, never a fraction of two."""
+    image = textured_image(2, 300).resize((310, 190))  # neither side a multiple of 28 before the budget
+    trainer = make_trainer(
+        tiny_qwen, tmp_path, dataset=_rows([image]), removing_perturbations=["patch_occlusion"], occlusion_ratio=0.5
+    )
+    assert trainer._perturbation_params.occlusion_patch_size == 28
+    prepared = trainer._pixel_budget.fit(image)
+    views = trainer._make_view_images([image], [prepared], b"key")
+    removed, original = np.asarray(views.images[REMOVED][0]), np.asarray(prepared)
+    height, width = original.shape[:2]
+    assert height % 28 == 0 and width % 28 == 0
+    cells = [(y, x) for y in range(0, height, 28) for x in range(0, width, 28)]
+    black = [(removed[y : y + 28, x : x + 28] == 0).all() for y, x in cells]
+    untouched = [np.array_equal(removed[y : y + 28, x : x + 28], original[y : y + 28, x : x + 28]) for y, x in cells]
+    assert all(b or u for b, u in zip(black, untouched, strict=True))
+    assert sum(black) == round(0.5 * len(cells))
+
+
+def test_explicit_occlusion_patch_size_wins(tiny_qwen, tmp_path):
+    trainer = make_trainer(tiny_qwen, tmp_path, occlusion_patch_size=14)
+    assert trainer._perturbation_params.occlusion_patch_size == 14
+
+
+class FakeVLLM:
+    """Stands in for TRL 1.16's `VLLMGeneration`: either reports the prompt ids it was given (a family whose vLLM
+    processor accepts expanded prompts) or expands every image placeholder once more (the corrupting behaviour)."""
+
+    def __init__(self, image_token_id: int, eos_id: int, expand_again: bool):
+        self.image_token_id, self.eos_id, self.expand_again = image_token_id, eos_id, expand_again
+        self.calls = 0
+
+    def sync_weights(self):
+        pass
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        self.calls += 1
+        reported = []
+        for ids in prompts:
+            if self.expand_again:
+                ids = [t for token in ids for t in ([token] * 4 if token == self.image_token_id else [token])]
+            reported.append(list(ids))
+        completions = [[11 + i % 7, 12, self.eos_id] for i in range(len(prompts))]
+        logprobs = [[[-1.0]] * len(c) for c in completions]
+        return reported, completions, logprobs, None
+
+
+def _with_fake_vllm(trainer, expand_again: bool) -> FakeVLLM:
+    config = trainer.model.config
+    fake = FakeVLLM(config.image_token_id, trainer.eos_token_ids[0], expand_again)
+    trainer.use_vllm, trainer.vllm_importance_sampling_correction, trainer._last_loaded_step = True, False, 0
+    trainer.vllm_generation = fake
+    trainer.vllm_generation.generate = trainer._checked_vllm_generate(fake.generate)
+    return fake
+
+
+def test_vllm_guard_passes_faithful_prompts_and_counts_them(tiny_qwen, tmp_path):
+    trainer = make_trainer(tiny_qwen, tmp_path)
+    fake = _with_fake_vllm(trainer, expand_again=False)
+    inputs = generation_batch(trainer)
+    assert fake.calls == 1
+    assert inputs["completion_ids"].shape[0] == 4
+    assert trainer._metrics["train"]["cppo/vllm_prompts_checked"] == [4.0]
+    loss = trainer.compute_loss(trainer.model, inputs)
+    assert torch.isfinite(loss)
+
+
+def test_vllm_guard_stops_a_re_expanded_prompt(tiny_qwen, tmp_path):
+    trainer = make_trainer(tiny_qwen, tmp_path)
+    _with_fake_vllm(trainer, expand_again=True)
+    with pytest.raises(
+        ValueError, match=r"sample 0 .*102 tokens \(64 image placeholders\) instead of 54 \(16\).*'qwen2_5_vl'"
+    ):
+        generation_batch(trainer)
+    assert "cppo/vllm_prompts_checked" not in trainer._metrics["train"]
+
+
+def test_check_vllm_prompt_ids_names_the_first_bad_sample():
+    class Config:
+        model_type = "llava_next"
+
+    sent = [[1, 9, 9, 2], [1, 9, 2], [3]]
+    check_vllm_prompt_ids(sent, [list(ids) for ids in sent], Config, frozenset({9}))
+    with pytest.raises(
+        ValueError, match=r"sample 1 .*4 tokens \(2 image placeholders\) instead of 3 \(1\).*llava_next"
+    ):
+        check_vllm_prompt_ids(sent, [sent[0], [1, 9, 9, 2], sent[2]], Config, frozenset({9}))
