@@ -9,7 +9,7 @@ from datasets import Dataset
 from PIL import Image
 from trl import GRPOConfig, GRPOTrainer
 
-from cppo_trl import CPPOConfig, CPPOTrainer
+from cppo_trl import CPPOConfig, CPPOTrainer, PAPOConfig, PAPOTrainer
 from cppo_trl.testing import build_tiny_vlm
 
 
@@ -73,7 +73,7 @@ COMMON = {
 
 
 def make_trainer(model_path, tmp_path, trainer_cls=CPPOTrainer, dataset=None, eval_dataset=None, **overrides):
-    config_cls = CPPOConfig if trainer_cls is CPPOTrainer else GRPOConfig
+    config_cls = {CPPOTrainer: CPPOConfig, PAPOTrainer: PAPOConfig}.get(trainer_cls, GRPOConfig)
     kwargs = {**COMMON, "beta": 0.0, "max_steps": 2, **overrides}
     args = config_cls(output_dir=str(tmp_path / trainer_cls.__name__), **kwargs)
     trainer = trainer_cls(

@@ -95,3 +95,32 @@ def test_vllm_generate_reports_the_prompt_ids_trl_discards():
     source = inspect.getsource(GRPOTrainer._generate_single_turn)
     assert "_, completion_ids, logprobs, _ = self.vllm_generation.generate(" in source
     assert "prompts=prompt_ids" in source and "images=images" in source
+
+
+def test_papo_identity_for_the_model_card():
+    from cppo_trl import PAPOTrainer
+
+    assert PAPOTrainer._name == "PAPO" and "papo" in PAPOTrainer._tag_names
+    assert PAPOTrainer._paper["id"] == "2507.06448"
+    assert "Perception-Aware Policy Optimization" in PAPOTrainer._paper["title"]
+
+
+def test_old_logps_pass_papo_mirrors():
+    """PAPO's masked pass copies TRL's old-log-prob pass: no grad, checkpointing off, micro-batch-sized chunks."""
+    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    assert (
+        "with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)"
+        in (source)
+    )
+    assert 'batch_size = self.args.per_device_train_batch_size if mode == "train" else' in source
+
+
+def test_zero_dim_tensors_stay_whole_through_shuffle_and_split():
+    """PAPO's per-batch mask cell counts are 0-dim tensors that every micro-batch must carry unchanged."""
+    assert "v.ndim == 0" in inspect.getsource(trl_utils.shuffle_sequence_dict)
+    assert "tensor.ndim == 0" in inspect.getsource(trl_utils.split_tensor_dict)
+
+
+def test_delta_caps_the_ratio_like_dual_clip():
+    """The PAPO recipes map the authors' dual-clip constant to `delta` (tests/test_papo.py checks the values)."""
+    assert "coef_1 = torch.clamp(coef_1, max=self.args.delta)" in inspect.getsource(GRPOTrainer._compute_loss)

@@ -1,7 +1,9 @@
-"""Pure tensor maths of CPPO: perception-token detection and the Contrastive Perception Loss (CPL).
+"""Pure tensor maths of CPPO (perception-token detection, the Contrastive Perception Loss) and of PAPO (the implicit
+perception loss and the entropy term), and the aggregation both share.
 
 No trainer state and no model here, so every formula can be checked by hand and with ``gradcheck``.
-Equation numbers refer to the CPPO paper; "released" refers to the authors' verl code (SPEC §5).
+Equation numbers refer to the CPPO paper; "released" refers to the authors' verl code (SPEC §5); PAPO's formulas are
+read from its authors' released EasyR1 code (SPEC §8).
 
 Precision: every function upcasts bf16/fp16/fp32 inputs to float32 (and keeps float64 as float64, so
 ``gradcheck`` works); log-probabilities come from ``log_softmax`` so logits like ±1e4 stay finite.
@@ -25,6 +27,7 @@ __all__ = [
     "entropy_from_logits",
     "full_kl",
     "k3_divergence",
+    "papo_token_terms",
     "select_perception_tokens",
 ]
 
@@ -187,6 +190,32 @@ def contrastive_loss_from_divergences(d_pos: Tensor, d_neg: Tensor, temperature:
     that computes the divergences itself (in chunks, from hidden states) applies the very same formula.
     """
     return F.softplus((d_pos - d_neg) / temperature)  # (...)
+
+
+def papo_token_terms(policy_logps: Tensor, masked_logps: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """PAPO's per-token terms (SPEC §8), each (B, T), as the authors' `dp_actor.update_policy` computes them:
+
+    - ``kl_prc``: the implicit perception KL, verl ``low_var_kl(log_probs=l, ref_log_probs=a)`` =
+      `k3_divergence(l, a)`: x = exp(clamp(a - l, ±20)), x - log x - 1 clamped to [-10, 10], with l the policy's
+      log-prob of the sampled token with the original image (carries the gradient) and a the pre-update policy's
+      log-prob with the masked image (a constant). PAPO *maximises* it: the loss subtracts γ times its mean;
+    - ``nll``: -l, the sampled-token estimate of the policy's entropy that the authors' η term minimises;
+    - ``kl_mask``: the loss tokens whose masked log-prob is finite. A non-finite a (NaN, ±inf from a degenerate masked
+      pass) drops that token from the KL term (``kl_prc`` is exactly 0 there, with a zero gradient) rather than
+      poisoning the loss; the caller counts them.
+
+    Both terms are 0 off ``loss_mask``. Computed in float32 (float64 kept).
+    """
+    _check_same_shape(policy_logps=policy_logps, masked_logps=masked_logps, loss_mask=loss_mask)
+    dtype = torch.promote_types(_compute_dtype(policy_logps), _compute_dtype(masked_logps))
+    policy = policy_logps.to(dtype)  # (B, T)
+    on_loss = loss_mask != 0  # (B, T)
+    kl_mask = on_loss & torch.isfinite(masked_logps)  # (B, T)
+    # A non-finite a would give NaN gradients through `where`; replace it by l itself (k3 = 0) before the maths.
+    masked = torch.where(kl_mask, masked_logps.to(dtype), policy.detach())  # (B, T)
+    kl_prc = torch.where(kl_mask, k3_divergence(policy, masked), 0.0)  # (B, T)
+    nll = torch.where(on_loss, -policy, 0.0)  # (B, T)
+    return kl_prc, nll, kl_mask
 
 
 def aggregate_like_policy_loss(
