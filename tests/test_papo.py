@@ -388,3 +388,24 @@ def test_model_card_names_papo(tiny_qwen, tmp_path):
     trainer.create_model_card(dataset_name="synthetic", tags=["papo"])
     card = (tmp_path / "PAPOTrainer" / "README.md").read_text()
     assert "PAPO" in card and "Perception-Aware Policy Optimization for Multimodal Reasoning" in card
+
+
+def test_training_script_runs_the_papo_recipe(tiny_qwen, tmp_path):
+    """`cppo-train --config recipes/tiny/papo/...` in process: the recipe's `method: papo` builds a PAPOTrainer, which
+    trains, logs its metrics, saves, and writes a model card naming PAPO and the recipe."""
+    import json
+    from pathlib import Path
+
+    from cppo_trl import cppo
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes/tiny/papo/config_synthetic_cpu.yaml"
+    out = tmp_path / "run"
+    argv = ["--config", str(recipe), "--model_name_or_path", str(tiny_qwen), "--output_dir", str(out)]
+    argv += ["--max_steps", "2", "--save_steps", "2", "--max_completion_length", "8", "--synthetic_num_train", "8"]
+    script_args, args, model_args = cppo.parse_args(argv)
+    assert isinstance(args, PAPOConfig) and script_args.method == "papo"
+    cppo.main(script_args, args, model_args, recipe=str(recipe))
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "papo/kl_prc" in h] == [1, 2]
+    card = (out / "README.md").read_text()
+    assert "PAPO" in card and "2507.06448" in card and str(recipe) in card

@@ -1,6 +1,7 @@
 """Every recipe parses into the training script's dataclasses and keeps the paper's numbers (recipes rot otherwise).
 
-Parsing runs `CPPOConfig.__post_init__` (and GRPO's batch checks) on this CPU machine. The GPU recipes keep their
+Parsing runs the method's config `__post_init__` (`CPPOConfig` or `PAPOConfig`, per the recipe's `method`, and GRPO's
+batch checks) on this CPU machine. The GPU recipes keep their
 `bf16: true`: transformers 5 does not check bf16 support while parsing, only when the Trainer builds its Accelerator,
 so no override is needed; `--use_cpu true` is still appended so that parsing on a GPU machine never initialises CUDA.
 Parsing sees one process, so the 8-GPU batch arithmetic is recomputed here with `GPUS` instead of the world size.
@@ -15,8 +16,9 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 from trl import ModelConfig
 
-from cppo_trl.config import CPPOConfig
-from cppo_trl.cppo import CPPOScriptArguments, make_parser
+from cppo_trl import cppo
+from cppo_trl.cppo import METHODS, TrainScriptArguments, method_of, parse_args
+from cppo_trl.papo_config import PAPOConfig
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,20 +36,23 @@ ABLATIONS = [
 ]
 # Fields that name the run rather than configure it.
 RUN_IDENTITY = {"output_dir", "run_name", "logging_dir", "hub_model_id"}
+# The fields that make a method: a PAPO recipe in CPPO's conditions may differ from the CPPO one only in these.
+CPPO_FIELDS = {"cppo_preset", "cpl_weight", "cpl_temperature", "perception_top_fraction"}
+PAPO_FIELDS = {"method", "perception_loss_weight", "der_loss_weight1", "mask_ratio", "mask_patch_size"}
 
 
 def parse(path: Path):
-    """A fresh parser per recipe: TrlParser writes the YAML values into the parser's defaults."""
-    return make_parser().parse_args_and_config(args=["--config", str(path), "--use_cpu", "true"])
+    """A fresh parser per recipe (TrlParser writes the YAML values into the parser's defaults), for its method."""
+    return parse_args(["--config", str(path), "--use_cpu", "true"])
 
 
 def rel(path: Path) -> str:
     return str(path.relative_to(ROOT / "recipes"))
 
 
-def field_defaults() -> dict:
+def field_defaults(method: str = "cppo") -> dict:
     defaults = {}
-    for cls in (CPPOScriptArguments, CPPOConfig, ModelConfig):
+    for cls in (TrainScriptArguments, METHODS[method][0], ModelConfig):
         for f in dataclasses.fields(cls):
             if f.default is not dataclasses.MISSING:
                 defaults[f.name] = f.default
@@ -57,13 +62,14 @@ def field_defaults() -> dict:
 
 
 def test_recipes_found():
-    assert len(RECIPES) == 12, [rel(p) for p in RECIPES]
+    assert len(RECIPES) == 19, [rel(p) for p in RECIPES]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=rel)
 def test_recipe_parses(path):
     script_args, training_args, model_args = parse(path)
-    assert isinstance(training_args, CPPOConfig)
+    method = "papo" if path.parent.name == "papo" else "cppo"
+    assert script_args.method == method and type(training_args) is METHODS[method][0]
     assert script_args.dataset_name and model_args.model_name_or_path
     assert training_args.generation_batch_size % training_args.num_generations == 0
 
@@ -77,7 +83,7 @@ def test_recipe_layout(path):
     assert f"--config recipes/{rel(path)}" in header.replace("\\\n#    ", "")
     positions = [text.index(section) for section in SECTIONS]
     assert positions == sorted(positions)
-    defaults = field_defaults()
+    defaults = field_defaults(method_of(["--config", str(path)]))
     for start, end in zip(positions, positions[1:] + [len(text)], strict=True):
         lines = [line for line in text[start:end].splitlines()[1:] if re.match(r"^\w", line)]
         keys = [line.split(":", 1)[0] for line in lines]
@@ -168,3 +174,85 @@ def test_accelerate_config(path):
 
 def test_accelerate_configs_present():
     assert {p.name for p in ACCELERATE_CONFIGS} == {"ddp.yaml", "zero2.yaml", "zero3.yaml", "fsdp.yaml"}
+
+
+def _flat(path: Path) -> dict:
+    script_args, args, model_args = parse(path)
+    return {**vars(script_args), **args.to_dict(), **vars(model_args)}
+
+
+@pytest.mark.parametrize("size", ["3B", "7B"])
+def test_papo_recipe_is_the_cppo_recipe_but_the_method(size):
+    """GRPO vs PAPO vs CPPO one switch apart: in the CPPO paper's conditions the PAPO recipe keeps every key of the CPPO
+    recipe (data, batch, steps, β, lr, rollouts) and differs only in the method and its own fields."""
+    folder = ROOT / f"recipes/Qwen2.5-VL-{size}-Instruct"
+    cppo_keys = set(yaml.safe_load((folder / "cppo/config_virl39k.yaml").read_text()))
+    papo_keys = set(yaml.safe_load((folder / "papo/config_virl39k.yaml").read_text()))
+    assert cppo_keys - CPPO_FIELDS == papo_keys - PAPO_FIELDS
+    cppo_run, papo_run = _flat(folder / "cppo/config_virl39k.yaml"), _flat(folder / "papo/config_virl39k.yaml")
+    shared = (cppo_run.keys() & papo_run.keys()) - RUN_IDENTITY - {"method"}
+    assert {k for k in shared if cppo_run[k] != papo_run[k]} == set()
+    _, args, _ = parse(folder / "papo/config_virl39k.yaml")
+    assert isinstance(args, PAPOConfig) and (args.perception_loss_weight, args.mask_ratio, args.mask_patch_size) == (
+        0.02,
+        0.6,
+        14,
+    )
+    assert args.der_loss_weight1 == (0.05 if size == "7B" else 0.0)  # authors' PAPO-G η per size
+
+
+@pytest.mark.parametrize(("size", "variant"), [("3B", "g"), ("7B", "g"), ("3B", "d"), ("7B", "d")])
+def test_papo_authors_recipes_match_their_scripts(size, variant):
+    script_args, args, model_args = parse(
+        ROOT / f"recipes/Qwen2.5-VL-{size}-Instruct/papo/config_virl39k_papo_{variant}.yaml"
+    )
+    assert model_args.model_name_or_path == f"Qwen/Qwen2.5-VL-{size}-Instruct"
+    gamma, eta, beta, clip_high = {
+        ("3B", "g"): (0.02, 0.0, 0.01, 0.3),
+        ("7B", "g"): (0.02, 0.05, 0.01, 0.3),
+        ("3B", "d"): (0.01, 0.03, 0.0, 0.28),
+        ("7B", "d"): (0.01, 0.03, 0.0, 0.28),
+    }[(size, variant)]
+    assert (args.perception_loss_weight, args.der_loss_weight1, args.beta) == (gamma, eta, beta)
+    assert (args.epsilon, args.epsilon_high, args.delta, args.loss_type) == (0.2, clip_high, 3.0, "bnpo")
+    assert (args.mask_ratio, args.mask_patch_size, args.temperature, args.top_p) == (0.6, 14, 1.0, 0.99)
+    assert (args.learning_rate, args.weight_decay, args.lr_scheduler_type.value) == (1e-6, 0.01, "constant")
+    assert (args.max_completion_length, args.num_train_epochs, args.num_iterations) == (2048, 2, 1)
+    assert not args.vllm_importance_sampling_correction
+    assert beta == 0 or not args.use_bias_correction_kl  # verl's KL loss has no importance ratio
+    assert (script_args.min_pixels, script_args.max_pixels) == (200704, 1003520)
+    assert script_args.prompt_suffix.startswith("\n\nYou first think through the reasoning process")
+    assert args.reward_weights == [0.9, 0.1]
+    # 384 prompts x 5 per rollout batch, 128 prompts x 5 per optimizer step (authors' rollout/global batch).
+    assert args.per_device_train_batch_size * GPUS * args.steps_per_generation == 384 * 5
+    assert args.per_device_train_batch_size * GPUS * args.gradient_accumulation_steps == 128 * 5
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_help_lists_the_methods_fields(method, capsys):
+    """`cppo-train --help` and `cppo-train --method papo --help` print (argparse formats every help string)."""
+    argv = ["--help"] if method == "cppo" else ["--method", method, "--help"]
+    with pytest.raises(SystemExit) as exit_info:
+        cppo.cli(argv)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    own, other = (
+        ("--cpl_weight", "--perception_loss_weight")
+        if method == "cppo"
+        else ("--perception_loss_weight", "--cpl_weight")
+    )
+    assert own in text and other not in text and "--method {cppo,papo}" in text
+
+
+def test_method_is_read_before_parsing(tmp_path):
+    recipe = ROOT / "recipes/tiny/papo/config_synthetic_cpu.yaml"
+    assert method_of(["--config", str(recipe)]) == "papo"
+    assert method_of(["--config", str(recipe), "--method", "cppo"]) == "cppo"  # the command line wins
+    assert method_of(["--method=papo"]) == "papo" and method_of([]) == "cppo"
+    with pytest.raises(ValueError, match=r"method must be one of \['cppo', 'papo'\], got 'grpo'"):
+        method_of(["--method", "grpo"])
+    # A CPPO field in a PAPO recipe is an error naming it, never silently ignored.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text() + "cpl_weight: 0.02\n")
+    with pytest.raises(ValueError, match="cpl_weight"):
+        parse(bad)

@@ -184,7 +184,7 @@ class CPPOConfig(GRPOConfig):
         },
     )
     occlusion_ratio: float = field(
-        default=0.8, metadata={"help": "Fraction of patches blacked out by patch_occlusion (paper: 80%)."}
+        default=0.8, metadata={"help": "Fraction of patches blacked out by patch_occlusion (paper: 80%%)."}
     )
     occlusion_patch_size: int | None = field(
         default=None,

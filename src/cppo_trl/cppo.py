@@ -1,8 +1,9 @@
-"""Train a vision-language model with CPPO: `accelerate launch -m cppo_trl.cppo --config recipes/.../config_*.yaml`.
+"""Train a vision-language model with CPPO or PAPO: `accelerate launch -m cppo_trl.cppo --config recipes/.../*.yaml`.
 
 A thin open-r1 style script: the recipe YAML (or CLI flags, which override it) fills three dataclasses —
-`CPPOScriptArguments` (data, rewards, processor), `CPPOConfig` (trainer) and TRL's `ModelConfig` (model, LoRA) — and
-`main` wires them into `CPPOTrainer`. Everything a paper table needs is a recipe, not code.
+`CPPOScriptArguments` (data, rewards, processor; plus the `method` switch), the method's config (`CPPOConfig` or
+`PAPOConfig`) and TRL's `ModelConfig` (model, LoRA) — and `main` wires them into the method's trainer. Everything a
+paper table needs is a recipe, not code. GRPO is either method with its weight at 0 (bit-identical, tested).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from dataclasses import dataclass, field
 
 import datasets
 import transformers
+import yaml
 from transformers import AutoProcessor, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from cppo_trl.config import CPPOConfig
+from cppo_trl.papo import PAPOTrainer
+from cppo_trl.papo_config import PAPOConfig
 from cppo_trl.trainer import CPPOTrainer
 
 
@@ -27,6 +31,9 @@ logger = logging.getLogger(__name__)
 TINY_PREFIX = "tiny:"
 VIRL39K_NAME = "TIGER-Lab/ViRL39K"
 GEOMETRY3K_NAME = "hiyouga/geometry3k"
+# The method switch: which config the parser fills and which trainer `main` builds.
+METHODS = {"cppo": (CPPOConfig, CPPOTrainer), "papo": (PAPOConfig, PAPOTrainer)}
+DEFAULT_METHOD = "cppo"
 
 
 @dataclass
@@ -71,6 +78,20 @@ class CPPOScriptArguments(ScriptArguments):
     max_pixels: int | None = field(default=None, metadata={"help": "Qwen processor max_pixels (None: processor's)."})
 
 
+@dataclass
+class TrainScriptArguments(CPPOScriptArguments):
+    """`CPPOScriptArguments` plus the method switch (kept apart so the data options can grow on their own)."""
+
+    method: str = field(
+        default=DEFAULT_METHOD,
+        metadata={
+            "help": "Which method to train: 'cppo' (CPPOConfig fields) or 'papo' (PAPOConfig fields). Read from the "
+            "command line or the recipe before the parser is built; `--method papo --help` lists PAPO's fields.",
+            "choices": list(METHODS),
+        },
+    )
+
+
 def resolve_model_path(model_name_or_path: str, family: str) -> str:
     """`tiny` / `tiny:<family>` → a tiny random VLM built (once, cached) on disk; anything else is returned as is."""
     if model_name_or_path == "tiny" or model_name_or_path.startswith(TINY_PREFIX):
@@ -98,9 +119,18 @@ def load_split(script_args: CPPOScriptArguments, split: str, seed: int) -> datas
 
 
 def main(
-    script_args: CPPOScriptArguments, training_args: CPPOConfig, model_args: ModelConfig, recipe: str | None = None
+    script_args: CPPOScriptArguments,
+    training_args: CPPOConfig | PAPOConfig,
+    model_args: ModelConfig,
+    recipe: str | None = None,
 ):
-    """Runs one CPPO training job; `recipe` (the YAML path) is recorded in the model card."""
+    """Runs one training job of the method whose config `training_args` is; `recipe` is recorded in the model card."""
+    trainer_cls = next((t for config, t in METHODS.values() if type(training_args) is config), None)
+    if trainer_cls is None:
+        raise TypeError(
+            f"training_args must be one of {[c.__name__ for c, _ in METHODS.values()]}, got "
+            f"{type(training_args).__name__}."
+        )
     # ---- Logging: one format for every library, verbosity from the trainer's log_level
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -166,7 +196,7 @@ def main(
     reward_funcs = get_reward_funcs(script_args.reward_funcs)
 
     # ---- Trainer
-    trainer = CPPOTrainer(
+    trainer = trainer_cls(
         model=model_path,
         reward_funcs=reward_funcs,
         args=training_args,
@@ -187,7 +217,7 @@ def main(
     # ---- Save model and model card (main process only); the card names the method, paper and recipe
     trainer.save_model(training_args.output_dir)
     logger.info("Model saved to %s", training_args.output_dir)
-    tags = ["cppo"] + ([f"recipe:{recipe}"] if recipe else [])
+    tags = [trainer_cls._name.lower()] + ([f"recipe:{recipe}"] if recipe else [])
     if trainer.accelerator.is_main_process:
         trainer.create_model_card(dataset_name=script_args.dataset_name, tags=tags)
 
@@ -203,9 +233,30 @@ def main(
         trainer.push_to_hub(dataset_name=script_args.dataset_name, tags=tags)
 
 
-def make_parser() -> TrlParser:
-    """The parser every recipe must go through (tests/test_recipes.py parses each one with it)."""
-    return TrlParser((CPPOScriptArguments, CPPOConfig, ModelConfig))
+def make_parser(method: str = DEFAULT_METHOD) -> TrlParser:
+    """The parser of one method's recipes: script arguments, the method's config, TRL's model arguments."""
+    return TrlParser((TrainScriptArguments, METHODS[method][0], ModelConfig))
+
+
+def method_of(argv: list[str]) -> str:
+    """The method a command line asks for: `--method` on it, else the recipe's `method:` key, else CPPO. Needed before
+    parsing, because the method decides which config class (and so which fields) the parser knows."""
+    method = next((a.split("=", 1)[1] for a in argv if a.startswith("--method=")), None)
+    if method is None and "--method" in argv[:-1]:
+        method = argv[argv.index("--method") + 1]
+    recipe = _recipe_path(argv)
+    if method is None and recipe is not None:
+        with open(recipe) as f:
+            method = (yaml.safe_load(f) or {}).get("method")
+    method = method or DEFAULT_METHOD
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}.")
+    return method
+
+
+def parse_args(argv: list[str]) -> tuple[TrainScriptArguments, CPPOConfig | PAPOConfig, ModelConfig]:
+    """Parse a command line (recipe and overrides) with the parser of the method it names."""
+    return make_parser(method_of(argv)).parse_args_and_config(args=argv)
 
 
 def _recipe_path(argv: list[str]) -> str | None:
@@ -215,7 +266,7 @@ def _recipe_path(argv: list[str]) -> str | None:
 def cli(argv: list[str] | None = None) -> None:
     """Console entry point (`cppo-train --config recipe.yaml [--flag value ...]`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    script_args, training_args, model_args = parse_args(argv)
     main(script_args, training_args, model_args, recipe=_recipe_path(argv))
 
 

@@ -54,11 +54,11 @@ REWARD_WINDOW = 5
 
 # ------------------------------------------------------------------------------------------------------ recipe
 def parse_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, Any, Any]:
-    """Parse a recipe with the training script's own parser (a fresh one: TrlParser writes YAML values into its
-    defaults), CLI-style overrides winning, exactly as `cppo-train --config recipe.yaml --flag value` would."""
-    from cppo_trl.cppo import make_parser
+    """Parse a recipe with the training script's own parser for its method (a fresh one: TrlParser writes YAML values
+    into its defaults), CLI-style overrides winning, exactly as `cppo-train --config recipe.yaml --flag value` would."""
+    from cppo_trl.cppo import parse_args
 
-    return make_parser().parse_args_and_config(args=["--config", str(recipe), *overrides])
+    return parse_args(["--config", str(recipe), *overrides])
 
 
 def held_out_split(script_args, seed: int) -> datasets.Dataset:
