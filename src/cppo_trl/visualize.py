@@ -30,6 +30,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from .images import PixelBudget, prepare_image, to_rgb
 from .perception import entropy_from_logits, select_perception_tokens
 from .perturbations import (
     PRESERVING_PERTURBATIONS,
@@ -37,7 +38,6 @@ from .perturbations import (
     PerturbationParams,
     apply_perturbation,
     make_views,
-    to_rgb,
 )
 
 
@@ -211,7 +211,7 @@ def inspect_perception_tokens(
     same draw the trainer makes for that seed. Without `completion_text`, a greedy completion is generated first.
     """
     model, processor = _load(model_path_or_trainer_output_dir)
-    rgb = to_rgb(image)
+    rgb = prepare_image(image, PixelBudget.from_processor(processor))  # the size the trainer's views are drawn at
     params = params or PerturbationParams()
     text = _prompt_text(processor, prompt_text)
     if completion_text is None:
