@@ -1,13 +1,20 @@
-"""GRPO vs CPPO (gated) vs naive CPPO (ungated) cost benchmark on identical batches.
+"""GRPO vs CPPO (gated) vs naive CPPO (ungated) vs PAPO cost benchmark on identical batches.
 
 Why this design: CPPO's overhead claims (SPEC: "only gated rows pay the two extra passes") are only meaningful if the
-three variants see the *same* rollouts, so one `CPPOTrainer` generates and scores each batch once and the same tensors
+variants see the *same* rollouts, so one `CPPOTrainer` generates and scores each batch once and the same tensors
 are fed to every variant's `compute_loss` + `backward`, alternating the order every step to cancel warm-up/thermal
 drift. Two phases are reported separately:
 
 * **loss phase**: `compute_loss` forward + backward on the prepared inputs (this is where CPPO's extra passes live);
   its floor is ``1 + 2f`` with ``f`` the fraction of rows that took the two extra view passes;
-* **whole step**: generation + scoring (shared, measured once) + view building (CPPO/naive only) + loss phase.
+* **whole step**: generation + scoring (shared, measured once) + view building (CPPO/naive only) + PAPO's masked pass
+  (PAPO only) + loss phase.
+
+PAPO pays at rollout time instead: its masked pass (mask, process, one no-grad forward of every row with the masked
+image) runs on the same scored batch through `PAPOTrainer._attach_views`, timed on its own and split into building
+the masked views and the forward; the forward is also compared with a no-grad forward of the same rows with the
+original images (the issue's expectation: about one extra no-grad forward per rollout). PAPO's loss phase is GRPO's
+plus two per-token terms on log-probs the policy pass already computes.
 
 Memory: on CUDA the true peak (`torch.cuda.max_memory_allocated`) over forward + backward; on CPU the bytes of the
 tensors autograd saves for backward during the forward (`torch.autograd.graph.saved_tensors_hooks`, unique storages,
@@ -45,7 +52,7 @@ from cppo_trl.views import with_prepared_images
 
 logger = logging.getLogger("cppo_bench")
 
-VARIANTS = ("grpo", "cppo", "lean", "naive")
+VARIANTS = ("grpo", "cppo", "lean", "naive", "papo")
 RESULT_KEYS = (
     "size",
     "device",
@@ -68,6 +75,14 @@ RESULT_KEYS = (
     "memory_bytes",
     "memory_ratio",
     "naive_memory_ratio",
+    "papo_loss_phase_ratio",
+    "papo_whole_step_ratio",
+    "papo_memory_ratio",
+    "masked_pass_s",
+    "masked_build_s",
+    "masked_forward_s",
+    "masked_forward_vs_plain_forward",
+    "masked_pass_share",
 )
 
 
@@ -202,6 +217,8 @@ def make_trainers(model_dir: Path, args, out_dir: Path) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     from cppo_trl.config import CPPOConfig
+    from cppo_trl.papo import PAPOTrainer
+    from cppo_trl.papo_config import PAPOConfig
     from cppo_trl.trainer import CPPOTrainer
 
     common = {
@@ -237,6 +254,9 @@ def make_trainers(model_dir: Path, args, out_dir: Path) -> dict[str, Any]:
     for name, extra in variants.items():
         config = CPPOConfig(output_dir=str(out_dir / name), cppo_preset=args.preset, **extra, **common)
         trainers[name] = CPPOTrainer(str(model_dir), hashed_reward, args=config, train_dataset=dataset)
+    # PAPO as its authors' PAPO-G: γ 0.02 on the masked image, η off (PAPOConfig defaults).
+    papo_config = PAPOConfig(output_dir=str(out_dir / "papo"), **common)
+    trainers["papo"] = PAPOTrainer(str(model_dir), hashed_reward, args=papo_config, train_dataset=dataset)
     for trainer in trainers.values():
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1
@@ -267,11 +287,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _variant_inputs(inputs: dict, name: str, naive_views: list) -> dict:
+def _variant_inputs(inputs: dict, name: str, naive_views: list, papo_inputs: dict) -> dict:
     if name == "grpo":
         return {k: v for k, v in inputs.items() if k != "cppo_views"}
     if name == "naive":
         return {**inputs, "cppo_views": naive_views}
+    if name == "papo":
+        return papo_inputs
     return inputs
 
 
@@ -320,6 +342,26 @@ def _cuda_peak(trainer, inputs: dict) -> int:
     return peak
 
 
+def _plain_forward(trainer, inputs: dict) -> None:
+    """A no-grad policy forward of every row with the original images, in TRL's micro-batches: the unit PAPO's masked
+    pass is measured against."""
+    from trl import GRPOTrainer
+
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    keys = ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids", "pixel_attention_mask", "image_sizes")
+    with torch.no_grad():
+        GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer,
+            trainer.model,
+            input_ids,
+            attention_mask,
+            inputs["completion_ids"].size(1),
+            batch_size=trainer.args.per_device_train_batch_size,
+            **{k: inputs[k] for k in keys if inputs.get(k) is not None},
+        )
+
+
 def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
@@ -327,7 +369,7 @@ def _median(values: list[float]) -> float:
 def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
     model_dir = build_model(size, Path(args.model_cache).expanduser(), args.image_size)
     trainers = make_trainers(model_dir, args, work_dir / f"run-{size}")
-    cppo, naive = trainers["cppo"], trainers["naive"]
+    cppo, naive, papo = trainers["cppo"], trainers["naive"], trainers["papo"]
     rows = make_rows(args.prompts, args.image_size, args.seed)
     n_params = sum(p.numel() for p in cppo.model.parameters())
     logger.info("%s: %d params, %d rollouts per step", size, n_params, len(rows) * args.generations)
@@ -335,6 +377,7 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
     loss_t: dict[str, list[float]] = {v: [] for v in VARIANTS}
     memory: dict[str, list[float]] = {v: [] for v in VARIANTS}
     gen_t, view_t, naive_view_t, gated = [], [], [], []
+    masked_t, masked_forward_t, plain_forward_t = [], [], []
     clock = _CLOCKS[args.clock]
     for step in range(args.steps + args.warmup):
         batch = [dict(r) for r in rows for _ in range(args.generations)]  # TRL's sampler repeats each prompt G times
@@ -352,16 +395,31 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
         naive_views = naive._build_views([with_prepared_images(r, naive._pixel_budget) for r in batch], inputs)
         naive_build = clock() - start
         f = cppo._cpl_rows(inputs).numel() / inputs["completion_ids"].size(0)
+        # PAPO's masked pass on the same scored batch, as `PAPOTrainer._generate_and_score_completions` runs it.
+        papo_inputs = {k: v for k, v in inputs.items() if k != "cppo_views"}
+        forward_sink: list[float] = []
+        _sync(args.device)
+        start = clock()
+        with _timed_method(papo, "_view_forward", forward_sink, clock):
+            papo._attach_views([with_prepared_images(r, papo._pixel_budget) for r in batch], batch, papo_inputs)
+        _sync(args.device)
+        masked_pass = clock() - start
+        start = clock()
+        _plain_forward(papo, papo_inputs)
+        _sync(args.device)
+        plain_forward = clock() - start
 
         turn = step % len(VARIANTS)
         order = VARIANTS[turn:] + VARIANTS[:turn]  # rotate so no variant always runs first
         step_loss = {
-            name: _loss_phase(trainers[name], _variant_inputs(inputs, name, naive_views), args.device, clock)
+            name: _loss_phase(
+                trainers[name], _variant_inputs(inputs, name, naive_views, papo_inputs), args.device, clock
+            )
             for name in order
         }
         step_mem = {}
         for name in order:
-            variant_inputs = _variant_inputs(inputs, name, naive_views)
+            variant_inputs = _variant_inputs(inputs, name, naive_views, papo_inputs)
             if args.device == "cuda":
                 step_mem[name] = _cuda_peak(trainers[name], variant_inputs)
             else:
@@ -379,6 +437,9 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
         gen_t.append(generation - sum(views_sink))
         view_t.append(sum(views_sink))
         naive_view_t.append(naive_build)
+        masked_t.append(masked_pass)
+        masked_forward_t.append(sum(forward_sink))
+        plain_forward_t.append(plain_forward)
         gated.append(f)
         for name in VARIANTS:
             loss_t[name].append(step_loss[name])
@@ -392,6 +453,7 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
         "cppo": _median([g + v + lc for g, v, lc in zip(gen_t, view_t, loss_t["cppo"], strict=True)]),
         "lean": _median([g + v + lc for g, v, lc in zip(gen_t, view_t, loss_t["lean"], strict=True)]),
         "naive": _median([g + v + ln for g, v, ln in zip(gen_t, naive_view_t, loss_t["naive"], strict=True)]),
+        "papo": _median([g + m + lp for g, m, lp in zip(gen_t, masked_t, loss_t["papo"], strict=True)]),
     }
     mem = {k: _median(v) for k, v in memory.items()}
     floor = 1 + 2 * f
@@ -424,6 +486,18 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
         "memory_ratio": mem["cppo"] / mem["grpo"],
         "naive_memory_ratio": mem["naive"] / mem["grpo"],
         "lean_memory_ratio": mem["lean"] / mem["grpo"],
+        "papo_loss_phase_ratio": loss["papo"] / loss["grpo"],
+        "papo_whole_step_ratio": whole["papo"] / whole["grpo"],
+        "papo_memory_ratio": mem["papo"] / mem["grpo"],
+        "masked_pass_s": _median(masked_t),
+        "masked_build_s": _median([m - fw for m, fw in zip(masked_t, masked_forward_t, strict=True)]),
+        "masked_forward_s": _median(masked_forward_t),
+        "plain_forward_s": _median(plain_forward_t),
+        # Per step, then the median: the masked forward against the same rows' forward with the original images.
+        "masked_forward_vs_plain_forward": _median(
+            [m / p for m, p in zip(masked_forward_t, plain_forward_t, strict=True)]
+        ),
+        "masked_pass_share": _median(masked_t) / whole["papo"],
         # The lean variant saves almost nothing for its views during the forward, but rebuilds one view row at a
         # time in backward: its peak adds one row of one view's activations, (cppo - grpo) / (2 f rows).
         "lean_peak_memory_ratio": (
@@ -439,7 +513,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     header = (
         "| size | params | rows | f (gated) | loss-phase GRPO s | CPPO/GRPO loss | floor 1+2f | naive/GRPO loss "
         "| whole-step CPPO/GRPO | naive whole | view-build share | mem CPPO/GRPO | naive mem "
-        "| lean loss | lean whole | lean peak mem |"
+        "| lean loss | lean whole | lean peak mem | PAPO/GRPO loss | PAPO whole | masked pass share "
+        "| masked fwd / plain fwd | PAPO mem |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
@@ -448,7 +523,9 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             f"| {r['loss_phase_s']['grpo']:.3f} | {r['loss_phase_ratio']:.2f} | {r['floor_1_plus_2f']:.2f} "
             f"| {r['naive_loss_phase_ratio']:.2f} | {r['whole_step_ratio']:.3f} | {r['naive_whole_step_ratio']:.3f} "
             f"| {r['view_build_share']:.1%} | {r['memory_ratio']:.2f} | {r['naive_memory_ratio']:.2f} "
-            f"| {r['lean_loss_phase_ratio']:.2f} | {r['lean_whole_step_ratio']:.3f} | {r['lean_peak_memory_ratio']:.2f} |"
+            f"| {r['lean_loss_phase_ratio']:.2f} | {r['lean_whole_step_ratio']:.3f} | {r['lean_peak_memory_ratio']:.2f} "
+            f"| {r['papo_loss_phase_ratio']:.2f} | {r['papo_whole_step_ratio']:.3f} | {r['masked_pass_share']:.1%} "
+            f"| {r['masked_forward_vs_plain_forward']:.2f} | {r['papo_memory_ratio']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -516,7 +593,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
     }
     for r in results:
-        for key in ("loss_phase_ratio", "whole_step_ratio", "memory_ratio"):
+        for key in ("loss_phase_ratio", "whole_step_ratio", "memory_ratio", "papo_whole_step_ratio"):
             if not math.isfinite(r[key]):
                 logger.warning("%s: non-finite %s", r["size"], key)
     (out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

@@ -1,16 +1,16 @@
-"""GRPO vs CPPO vs CPL-without-gating on the synthetic perception task, several seeds, one budget, one SFT start.
+"""GRPO vs PAPO vs CPPO where perception is the bottleneck: the CPPO paper's comparison in miniature.
 
-`python benchmarks/compare.py --out outputs/compare` (`make compare`; ~30 min on 2 CPU cores, not part of the tests).
-Every arm trains through `cppo_trl.cppo.main` on the demo recipe (`recipes/tiny/cppo/config_demo_cpu.yaml`) from the
-same SFT warm-up checkpoint (`cppo_trl.demo.sft_warmup`), with the same steps and batch; arms differ by one flag:
+`python benchmarks/compare.py --out outputs/compare` (`make compare`; ~40 min on 2 CPU cores, not part of the tests).
+Task (`cppo_trl.data.PRIOR_TASK`): "What is the color of the <shape> in the image?" In training the shape gives the
+colour 80% of the time, a prior the text offers and the image must override; the held-out split draws colours
+uniformly, so ~3/4 of its questions are *prior-conflicting* (the shape's training colour is wrong).
 
-- `grpo`: `--cpl_weight 0` (exactly GRPO);
-- `cppo`: the recipe as is (paper preset, CPL on advantage-gated rollouts);
-- `cpl_no_gating`: `--advantage_gating false` (CPL on every rollout, the gating ablation).
-
-Held-out accuracy is accuracy@8 at temperature 1.0 (`cppo_trl.demo.evaluate_accuracy`) on the recipe's test split, identical
-for every arm and seed. Writes `compare.json`, `compare.md` (table) and `compare.png` (reward curves, mean with the
-min-max band over seeds). A tiny model on a toy task: read the spread before reading the means.
+Every arm trains through `cppo_trl.cppo.main` on one method-neutral recipe (`recipes/tiny/compare/config_prior_cpu.yaml`)
+from the same SFT warm-up checkpoint (`cppo_trl.demo.sft_warmup`, trained on the train distribution, prior included),
+with the same steps, batch, seeds and learning rate; arms differ by the switches in `ARMS`. Each run is evaluated
+with `evaluate_held_out`: accuracy@8 at temperature 1.0, overall and on the prior-conflicting and prior-aligned rows.
+Writes `compare.json` (`"complete": false` until every run is in), `compare.md` (table) and `compare.png`.
+A 0.3M-parameter model on a toy task: read the spread before reading the means.
 """
 
 from __future__ import annotations
@@ -22,47 +22,66 @@ import statistics
 import time
 from pathlib import Path
 
-from cppo_trl.demo import (
-    DEMO_RECIPE,
-    evaluate_accuracy,
-    held_out_split,
-    metric_series,
-    parse_recipe,
-    run_recipe,
-    sft_warmup,
-)
+from cppo_trl.demo import evaluate_accuracy, held_out_split, metric_series, parse_recipe, run_recipe, sft_warmup
 
 
 logger = logging.getLogger("compare")
 
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "tiny" / "compare" / "config_prior_cpu.yaml"
+# One switch per arm on the method-neutral recipe; each method at its own paper's default weights.
 ARMS: dict[str, list[str]] = {
-    "grpo": ["--cpl_weight", "0"],
-    "cppo": [],
-    "cpl_no_gating": ["--advantage_gating", "false"],
+    "grpo": ["--cpl_weight", "0"],  # CPPOTrainer with λ = 0: GRPO's loss and gradients bit for bit (tested)
+    "papo": ["--method", "papo"],  # the PAPO authors' PAPO-G: γ 0.02 on the masked image, η off
+    # CPPO, paper preset (λ 0.02, gating, top-50% tokens); colour jitter would remove the answer of a colour question
+    # from the "information-preserving" view, so it is left out of the preserving set, as in the demo recipe.
+    "cppo": ["--preserving_perturbations", "perspective", "rotation", "gaussian_blur"],
 }
+METHOD_METRICS = {"grpo": None, "papo": "papo/kl_prc", "cppo": "cppo/cpl_loss"}
 
 
-def run_arm(name: str, seed: int, sft_dir: Path, out: Path, recipe: str, steps: int | None, held_out) -> dict:
+def evaluate_held_out(model_dir: Path, held_out) -> dict:
+    """The comparison's one evaluation call: accuracy@8 at T = 1 (`cppo_trl.demo.evaluate_accuracy`) on the
+    prior-conflicting and the prior-aligned held-out rows, and overall. Swap the body for the evaluation module when
+    it lands; the rest of the comparison only reads these keys."""
+    flags = held_out["prior_conflict"]
+    parts = {}
+    for name, wanted in (("conflict", True), ("aligned", False)):
+        rows = held_out.select([i for i, flag in enumerate(flags) if flag == wanted])
+        parts[name] = evaluate_accuracy(model_dir, rows) if len(rows) else {"accuracy": float("nan"), "n": 0}
+    n = parts["conflict"]["n"] + parts["aligned"]["n"]
+    overall = sum(p["accuracy"] * p["n"] for p in parts.values() if p["n"]) / n
+    return {
+        "accuracy": overall,
+        "conflict_accuracy": parts["conflict"]["accuracy"],
+        "aligned_accuracy": parts["aligned"]["accuracy"],
+        "n": n,
+        "n_conflict": parts["conflict"]["n"],
+    }
+
+
+def run_arm(name: str, seed: int, sft_dir: Path, out: Path, recipe: Path, overrides: list[str], held_out) -> dict:
     """One training run of one arm and seed, then its held-out evaluation; cached in `<run>/result.json`."""
     run_dir = out / "runs" / f"{name}-seed{seed}"
     result_file = run_dir / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    overrides = [*ARMS[name], "--seed", str(seed)] + (["--max_steps", str(steps)] if steps else [])
     started = time.perf_counter()
-    log_history = run_recipe(recipe, run_dir, sft_dir, overrides)
+    log_history = run_recipe(recipe, run_dir, sft_dir, [*ARMS[name], "--seed", str(seed), *overrides])
     seconds = time.perf_counter() - started
-    evaluation = evaluate_accuracy(run_dir, held_out)
+    evaluation = evaluate_held_out(run_dir, held_out)
+    steps, rewards = metric_series(log_history, "reward")
+    metric = METHOD_METRICS[name]
     result = {
         "arm": name,
         "seed": seed,
         "train_seconds": round(seconds, 1),
-        "accuracy": evaluation["accuracy"],
-        "per_task": evaluation["per_task"],
-        "reward_steps": metric_series(log_history, "reward")[0],
-        "reward": metric_series(log_history, "reward")[1],
-        "cpl_loss": metric_series(log_history, "cppo/cpl_loss")[1],
-        "gated_fraction": metric_series(log_history, "cppo/gated_fraction")[1],
+        "step_seconds": _mean(metric_series(log_history, "step_time")[1]),
+        **evaluation,
+        "reward_steps": steps,
+        "reward": rewards,
+        "method_metric": metric,
+        "method_metric_values": metric_series(log_history, metric)[1] if metric else [],
     }
     result_file.write_text(json.dumps(result))
     return result
@@ -72,64 +91,92 @@ def _mean(values):
     return statistics.fmean(values) if values else float("nan")
 
 
-def aggregate(results: list[dict], baseline: float) -> dict[str, dict]:
-    """Per arm: accuracy mean/min/max over seeds, and the mean reward of the last quarter of the steps."""
+def _spread(values: list[float]) -> dict:
+    return {"mean": _mean(values), "min": min(values), "max": max(values)}
+
+
+def aggregate(results: list[dict], sft: dict) -> dict[str, dict]:
+    """Per arm over seeds: held-out accuracy (overall, prior-conflicting, prior-aligned) as mean/min/max, the mean train
+    reward of the last quarter of the steps, and seconds per optimizer step (also relative to GRPO's)."""
     table = {}
     for arm in ARMS:
         runs = [r for r in results if r["arm"] == arm]
         if not runs:
             continue
-        accuracies = [r["accuracy"] for r in runs]
         tail = [_mean(r["reward"][-max(1, len(r["reward"]) // 4) :]) for r in runs]
         table[arm] = {
             "seeds": [r["seed"] for r in runs],
-            "accuracy_mean": _mean(accuracies),
-            "accuracy_min": min(accuracies),
-            "accuracy_max": max(accuracies),
-            "accuracy_gain_vs_sft": _mean(accuracies) - baseline,
+            "accuracy": _spread([r["accuracy"] for r in runs]),
+            "conflict_accuracy": _spread([r["conflict_accuracy"] for r in runs]),
+            "aligned_accuracy": _spread([r["aligned_accuracy"] for r in runs]),
+            "gain_vs_sft": _mean([r["accuracy"] for r in runs]) - sft["accuracy"],
             "final_reward_mean": _mean(tail),
-            "cpl_loss_mean": _mean([_mean(r["cpl_loss"]) for r in runs]),
-            "train_seconds_mean": _mean([r["train_seconds"] for r in runs]),
+            "step_seconds": _mean([r["step_seconds"] for r in runs]),
         }
+    if "grpo" in table:
+        for row in table.values():
+            row["step_time_vs_grpo"] = row["step_seconds"] / table["grpo"]["step_seconds"]
     return table
 
 
-def write_markdown(table: dict, baseline: dict, steps: int, n: int, path: Path) -> None:
+def _cell(spread: dict) -> str:
+    return f"{spread['mean']:.3f} [{spread['min']:.3f}, {spread['max']:.3f}]"
+
+
+def write_markdown(table: dict, sft: dict, steps: int, done: int, planned: int, path: Path) -> None:
+    status = "" if done == planned else f" **INCOMPLETE: {done} of {planned} runs so far.**"
     lines = [
-        f"Held-out accuracy@8, T=1 (n={n}) after {steps} RL steps from the same SFT start "
-        f"(SFT alone: {baseline['accuracy']:.3f}); mean [min, max] over seeds.",
+        f"Held-out accuracy@8, T = 1 (n = {sft['n']}, {sft['n_conflict']} prior-conflicting) after {steps} RL steps "
+        f"from the same SFT start (SFT alone: {sft['accuracy']:.3f} overall, {sft['conflict_accuracy']:.3f} "
+        f"prior-conflicting, {sft['aligned_accuracy']:.3f} prior-aligned); mean [min, max] over seeds.{status}",
         "",
-        "| arm | seeds | held-out accuracy | gain vs SFT | reward, last 25% of steps | mean CPL loss | s / run |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | seeds | held-out accuracy | prior-conflicting | prior-aligned | gain vs SFT | train reward, last 25% "
+        "| s / step | step time vs GRPO |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, row in table.items():
         lines.append(
-            f"| {arm} | {len(row['seeds'])} | {row['accuracy_mean']:.3f} [{row['accuracy_min']:.3f}, "
-            f"{row['accuracy_max']:.3f}] | {row['accuracy_gain_vs_sft']:+.3f} | {row['final_reward_mean']:.3f} | "
-            f"{row['cpl_loss_mean']:.4f} | {row['train_seconds_mean']:.0f} |"
+            f"| {arm} | {len(row['seeds'])} | {_cell(row['accuracy'])} | {_cell(row['conflict_accuracy'])} "
+            f"| {_cell(row['aligned_accuracy'])} | {row['gain_vs_sft']:+.3f} | {row['final_reward_mean']:.3f} "
+            f"| {row['step_seconds']:.2f} | {row.get('step_time_vs_grpo', float('nan')):.2f} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], sft: dict, path: Path) -> None:
+    """Left: held-out accuracy per arm (bars: mean over seeds, dots: seeds), overall and prior-conflicting, with the
+    SFT start as lines. Right: train reward per step (mean over seeds, band: min-max)."""
     from cppo_trl.visualize import _matplotlib
 
     plt = _matplotlib()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for arm in ARMS:
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4))
+    arms = [arm for arm in ARMS if any(r["arm"] == arm for r in results)]
+    for offset, (key, label) in enumerate((("accuracy", "overall"), ("conflict_accuracy", "prior-conflicting"))):
+        positions = [i + (offset - 0.5) * 0.38 for i in range(len(arms))]
+        values = [[r[key] for r in results if r["arm"] == arm] for arm in arms]
+        bars.bar(positions, [_mean(v) for v in values], width=0.36, label=label, alpha=0.75)
+        for x, seeds in zip(positions, values, strict=True):
+            bars.scatter([x] * len(seeds), seeds, color="black", s=12, zorder=3)
+        bars.axhline(sft[key], color=f"C{offset}", ls="--", lw=1, label=f"SFT start, {label}")
+    bars.set_xticks(range(len(arms)), [arm.upper() for arm in arms])
+    bars.set_ylabel("held-out accuracy@8 (T = 1)")
+    bars.set_title("held-out accuracy (dots: seeds)")
+    bars.legend(fontsize=7)
+    bars.grid(alpha=0.3, axis="y")
+    for arm in arms:
         runs = [r for r in results if r["arm"] == arm]
-        if not runs:
-            continue
         length = min(len(r["reward"]) for r in runs)
         steps = runs[0]["reward_steps"][:length]
         columns = list(zip(*(r["reward"][:length] for r in runs), strict=True))
-        ax.plot(steps, [_mean(c) for c in columns], label=f"{arm} (mean of {len(runs)})")
-        ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train reward (accuracy)")
-    ax.set_title("GRPO vs CPPO vs CPL without gating (band: min-max over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        window = 10
+        smooth = [_mean([_mean(c) for c in columns[max(0, i - window + 1) : i + 1]]) for i in range(length)]
+        curves.plot(steps, smooth, label=f"{arm.upper()} (mean of {len(runs)}, {window}-step average)")
+        curves.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.12)
+    curves.set_xlabel("step")
+    curves.set_ylabel("train reward (accuracy)")
+    curves.set_title("train reward (band: min-max over seeds)")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -138,20 +185,28 @@ def plot(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/compare")
-    parser.add_argument("--recipe", default=str(DEMO_RECIPE))
+    parser.add_argument("--recipe", default=str(RECIPE))
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated training seeds.")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the recipe's).")
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--arms", default=",".join(ARMS), help=f"Subset of {list(ARMS)}.")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 RL steps, 4 SFT steps, 8 held-out rows: plumbing only."
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(name)s - %(message)s")
+    unknown = set(args.arms.split(",")) - set(ARMS)
+    if unknown:
+        parser.error(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from cppo_trl.cppo import resolve_model_path
 
-    script_args, training_args, _ = parse_recipe(args.recipe)
-    steps = args.steps or training_args.max_steps
+    overrides = ["--synthetic_num_test", "8"] if args.quick else []
+    steps_override = 2 if args.quick else args.steps
+    overrides += ["--max_steps", str(steps_override)] if steps_override else []
+    script_args, training_args, _ = parse_recipe(args.recipe, overrides)
     held_out = held_out_split(script_args, training_args.seed)  # the recipe's seed: one test set for every run
     base = resolve_model_path("tiny:qwen2_5_vl", script_args.tiny_model_family)
     sft_dir = sft_warmup(
@@ -159,24 +214,45 @@ def main(argv: list[str] | None = None) -> dict:
         out / "sft",
         prompt_suffix=script_args.prompt_suffix,
         tasks=script_args.synthetic_tasks,
-        max_steps=args.sft_steps,
+        num_samples=64 if args.quick else 1024,
+        max_steps=4 if args.quick else args.sft_steps,
     )
-    baseline = evaluate_accuracy(sft_dir, held_out)
-    logger.info("SFT start: held-out accuracy %.3f", baseline["accuracy"])
+    sft = evaluate_held_out(sft_dir, held_out)
+    logger.info(
+        "SFT start: held-out accuracy %.3f (prior-conflicting %.3f)", sft["accuracy"], sft["conflict_accuracy"]
+    )
 
     results = []
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
+    planned = len(seeds) * len(arms)
     for seed in seeds:  # seed-major: an interrupted run still has every arm for the first seeds
         for arm in arms:
-            result = run_arm(arm, seed, sft_dir, out, args.recipe, args.steps, held_out)
-            logger.info("%s seed %d: accuracy %.3f (%.0f s)", arm, seed, result["accuracy"], result["train_seconds"])
+            result = run_arm(arm, seed, sft_dir, out, Path(args.recipe), overrides, held_out)
+            logger.info(
+                "%s seed %d: accuracy %.3f, prior-conflicting %.3f (%.0f s)",
+                arm,
+                seed,
+                result["accuracy"],
+                result["conflict_accuracy"],
+                result["train_seconds"],
+            )
             results.append(result)
-            table = aggregate(results, baseline["accuracy"])
-            payload = {"steps": steps, "sft_accuracy": baseline["accuracy"], "table": table, "runs": results}
+            table = aggregate(results, sft)
+            payload = {
+                "complete": len(results) == planned,
+                "runs_done": len(results),
+                "runs_planned": planned,
+                "steps": training_args.max_steps,
+                "recipe": str(args.recipe),
+                "arms": {arm: ARMS[arm] for arm in arms},
+                "sft": sft,
+                "table": table,
+                "runs": results,
+            }
             (out / "compare.json").write_text(json.dumps(payload, indent=2) + "\n")
-            write_markdown(table, baseline, steps, baseline["n"], out / "compare.md")
-            plot(results, out / "compare.png")
+            write_markdown(table, sft, training_args.max_steps, len(results), planned, out / "compare.md")
+            plot(results, sft, out / "compare.png")
     print((out / "compare.md").read_text())
     return payload
 

@@ -33,7 +33,15 @@ def test_bench_tiny_two_steps(tmp_path):
         "memory_ratio",
         "naive_memory_ratio",
         "floor_1_plus_2f",
+        "papo_loss_phase_ratio",
+        "papo_whole_step_ratio",
+        "papo_memory_ratio",
+        "masked_forward_s",
+        "masked_forward_vs_plain_forward",
     ):
         assert math.isfinite(result[key]) and result[key] > 0, key
     assert 0 <= result["gated_fraction"] <= 1
     assert 0 <= result["view_build_share"] < 1
+    assert 0 < result["masked_pass_share"] < 1 and 0 <= result["masked_build_s"] < result["masked_pass_s"]
+    # PAPO adds no gradient pass: its activation memory is GRPO's (the two extra terms reuse the policy's log-probs).
+    assert result["papo_memory_ratio"] < 1.1

@@ -16,6 +16,9 @@ from trl.data_utils import is_conversational, prepare_multimodal_messages
 import cppo_trl.data as data_module
 from cppo_trl.data import (
     DEFAULT_PROMPT_SUFFIX,
+    PRIOR_COLORS,
+    PRIOR_STRENGTH,
+    PRIOR_TASK,
     SYNTHETIC_COLORS,
     build_prompt,
     load_geometry3k,
@@ -378,6 +381,34 @@ def test_synthetic_splits_and_reward(synthetic):
     # The rewards read the `solution` column directly.
     completions = [f"<think>look</think> \\boxed{{{answer}}}" for answer in splits["test"]["solution"]]
     assert answer_match_reward(completions, solution=splits["test"]["solution"]) == [1.0] * 4
+
+
+def test_prior_task_train_split_has_the_prior_and_the_held_out_split_breaks_it():
+    """`shape_color` (make compare): the question names the shape; in train the shape gives the colour 80% of the time,
+    in the held-out split colours are uniform and `prior_conflict` says where the shape's training colour is wrong."""
+    splits = make_synthetic_splits(600, 600, seed=5, image_size=64, tasks=(PRIOR_TASK,), prompt_suffix=None)
+    for name, split in splits.items():
+        assert set(split["task"]) == {PRIOR_TASK}
+        prior_hits = []
+        for row in split:
+            kind = next(k for k in PRIOR_COLORS if f"color of the {k} " in _question(row))
+            prior_hits.append(row["solution"] == PRIOR_COLORS[kind])
+            assert row["prior_conflict"] == (row["solution"] != PRIOR_COLORS[kind])
+            array, ink = _pixels(row["images"][0])  # the image shows the answer's colour
+            mean = array[ink].mean(axis=0)
+            nearest = min(SYNTHETIC_COLORS, key=lambda c: np.abs(np.array(SYNTHETIC_COLORS[c]) - mean).sum())
+            assert nearest == row["solution"]
+        expected = PRIOR_STRENGTH if name == "train" else 0.25  # held out: 1 of 4 uniform colours
+        assert abs(np.mean(prior_hits) - expected) < 4 * np.sqrt(expected * (1 - expected) / 600), name
+    colours = Counter(splits["test"]["solution"])
+    assert set(colours) == set(SYNTHETIC_COLORS) and min(colours.values()) > 100  # ~150 each
+    assert "yellow" not in PRIOR_COLORS.values()  # yellow is always a prior conflict
+
+
+def test_prior_column_only_with_the_prior_task(synthetic):
+    assert "prior_conflict" not in synthetic.column_names
+    mixed = make_synthetic_perception_dataset(4, tasks=("color", PRIOR_TASK), prompt_suffix=None)
+    assert mixed["task"] == ["color", PRIOR_TASK] * 2 and mixed["prior_conflict"][0] is False
 
 
 def test_hub_code_paths_with_stubbed_downloads(virl_folder, tmp_path, monkeypatch):

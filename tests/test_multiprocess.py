@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo) under `accelerate launch`: CPPO trains, its metrics are reduced across ranks, and both ranks
-build the same views for the same prompt (views derive from (seed, step, prompt), not from the rank)."""
+"""Two CPU processes (gloo) under `accelerate launch`: CPPO and PAPO train, their metrics are reduced across ranks (also
+when one rank has no image to mask), and both ranks build the same views for the same prompt (views derive from
+(seed, step, prompt), not from the rank)."""
 
 import json
 import os
@@ -44,3 +45,11 @@ def test_two_processes_reduce_metrics_and_share_views(tmp_path):
     for key in hashes0:
         assert hashes0[key] == hashes1[key], key
     assert len({h[0] for h in hashes0.values()}) == 2  # views change with the step
+
+    # PAPO: rank 0 masks its image prompt, rank 1 has a text-only prompt and no masked pass; the reduced metrics are
+    # the same on both ranks and count rank 0's two rows only.
+    papo0, papo1 = ranks[0]["papo"], ranks[1]["papo"]
+    assert len(papo0["logs"]) == 2 and papo0["logs"] == papo1["logs"]
+    assert all(h["papo/masked_view_rows"] == 2 and h["papo/nonfinite_masked_tokens"] == 0 for h in papo0["logs"])
+    assert all(h["papo/kl_prc"] >= 0 and 0 < h["papo/masked_fraction"] < 1 for h in papo0["logs"])
+    assert len(papo0["mask_hashes"]) == 2 and papo1["mask_hashes"] == {}

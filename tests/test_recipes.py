@@ -62,7 +62,7 @@ def field_defaults(method: str = "cppo") -> dict:
 
 
 def test_recipes_found():
-    assert len(RECIPES) == 19, [rel(p) for p in RECIPES]
+    assert len(RECIPES) == 20, [rel(p) for p in RECIPES]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=rel)

@@ -397,7 +397,14 @@ def load_geometry3k(
 # --- synthetic perception task ----------------------------------------------------------------------------------
 
 SYNTHETIC_TASKS = ("color", "count", "position", "digit")
+# A task where the text offers a tempting prior that the image must override (`make compare`): the question names the
+# shape, and in training the shape predicts the colour asked for `PRIOR_STRENGTH` of the time; held-out rows
+# (`make_synthetic_splits`' test split) draw the colour uniformly, breaking the link, and say whether they conflict.
+PRIOR_TASK = "shape_color"
+VALID_SYNTHETIC_TASKS = (*SYNTHETIC_TASKS, PRIOR_TASK)
 SYNTHETIC_COLORS = {"red": (220, 20, 20), "green": (20, 160, 40), "blue": (20, 60, 220), "yellow": (235, 200, 0)}
+PRIOR_COLORS = {"circle": "red", "square": "green", "triangle": "blue"}  # yellow is never the prior's answer
+PRIOR_STRENGTH = 0.8
 _SYNTHETIC_QUESTIONS = {
     "color": "What is the color of the shapes in the image? Answer with one word: red, green, blue or yellow.",
     "count": "How many shapes are in the image? Answer with a single number.",
@@ -431,12 +438,20 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, center: tuple[float, float
         draw.polygon([(x, y - radius), (x + radius, y + radius), (x - radius, y + radius)], fill=color)
 
 
-def _grid_shapes(draw: ImageDraw.ImageDraw, rng: random.Random, size: int, colors: list[tuple[int, int, int]]) -> None:
-    """Draw one shape per colour in distinct cells of a 3x3 grid, so shapes never overlap and stay countable."""
+def _grid_shapes(
+    draw: ImageDraw.ImageDraw,
+    rng: random.Random,
+    size: int,
+    colors: list[tuple[int, int, int]],
+    kind: str | None = None,
+) -> None:
+    """Draw one shape per colour in distinct cells of a 3x3 grid, so shapes never overlap and stay countable; each
+    shape's kind is `kind`, or drawn at random."""
     cell = size / 3
     for slot, color in zip(rng.sample(range(9), len(colors)), colors, strict=True):
         center = ((slot % 3 + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell, (slot // 3 + 0.5) * cell)
-        _draw_shape(draw, rng.choice(("circle", "square", "triangle")), center, cell * rng.uniform(0.28, 0.38), color)
+        shape = kind or rng.choice(("circle", "square", "triangle"))
+        _draw_shape(draw, shape, center, cell * rng.uniform(0.28, 0.38), color)
 
 
 def _draw_digit(draw: ImageDraw.ImageDraw, rng: random.Random, size: int, digit: str) -> None:
@@ -458,12 +473,30 @@ def _draw_digit(draw: ImageDraw.ImageDraw, rng: random.Random, size: int, digit:
         draw.rectangle(boxes[segment], fill=ink)
 
 
-def _synthetic_row(rng: random.Random, task: str, size: int) -> dict[str, Any]:
-    """One image whose answer can only be read from the pixels; the question is the same for every answer."""
+def _synthetic_row(rng: random.Random, task: str, size: int, held_out: bool = False) -> dict[str, Any]:
+    """One image whose answer can only be read from the pixels; the question is the same for every answer, except for
+    the prior task, whose question names the shape (`held_out` breaks the shape-colour link there)."""
     shade = rng.randint(225, 255)
     image = PILImage.new("RGB", (size, size), (shade, shade, shade))
     draw = ImageDraw.Draw(image)
     question_key = task
+    if task == PRIOR_TASK:
+        kind = rng.choice(list(PRIOR_COLORS))
+        prior = PRIOR_COLORS[kind]
+        others = [color for color in SYNTHETIC_COLORS if color != prior]
+        if held_out:
+            answer = rng.choice(list(SYNTHETIC_COLORS))
+        else:
+            answer = prior if rng.random() < PRIOR_STRENGTH else rng.choice(others)
+        _grid_shapes(draw, rng, size, [SYNTHETIC_COLORS[answer]], kind=kind)
+        question = f"What is the color of the {kind} in the image? Answer with one word: red, green, blue or yellow."
+        return {
+            "question": question,
+            "answer": answer,
+            "image": image,
+            "task": task,
+            "prior_conflict": answer != prior,
+        }
     if task == "color":
         answer = rng.choice(list(SYNTHETIC_COLORS))
         _grid_shapes(draw, rng, size, [SYNTHETIC_COLORS[answer]] * rng.randint(1, 3))
@@ -484,7 +517,13 @@ def _synthetic_row(rng: random.Random, task: str, size: int) -> dict[str, Any]:
     else:
         answer = str(rng.randint(0, 9))
         _draw_digit(draw, rng, size, answer)
-    return {"question": _SYNTHETIC_QUESTIONS[question_key], "answer": answer, "image": image, "task": task}
+    return {
+        "question": _SYNTHETIC_QUESTIONS[question_key],
+        "answer": answer,
+        "image": image,
+        "task": task,
+        "prior_conflict": False,
+    }
 
 
 def _synthetic_dataset(
@@ -494,14 +533,18 @@ def _synthetic_dataset(
     tasks: Sequence[str],
     prompt_suffix: str | None,
     system_prompt: str | None,
+    held_out: bool = False,
 ) -> datasets.Dataset:
-    unknown = sorted(set(tasks) - set(SYNTHETIC_TASKS))
+    unknown = sorted(set(tasks) - set(VALID_SYNTHETIC_TASKS))
     if unknown or not tasks:
-        raise ValueError(f"Unknown or empty synthetic tasks {unknown or list(tasks)}; valid: {list(SYNTHETIC_TASKS)}")
+        raise ValueError(
+            f"Unknown or empty synthetic tasks {unknown or list(tasks)}; valid: {list(VALID_SYNTHETIC_TASKS)}"
+        )
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
-    rows = [_synthetic_row(rng, tasks[index % len(tasks)], image_size) for index in range(num_samples)]
-    return convert_rows(rows, keep_columns=("task",), prompt_suffix=prompt_suffix, system_prompt=system_prompt)
+    rows = [_synthetic_row(rng, tasks[index % len(tasks)], image_size, held_out) for index in range(num_samples)]
+    keep = ("task", "prior_conflict") if PRIOR_TASK in tasks else ("task",)
+    return convert_rows(rows, keep_columns=keep, prompt_suffix=prompt_suffix, system_prompt=system_prompt)
 
 
 def make_synthetic_perception_dataset(
@@ -515,7 +558,8 @@ def make_synthetic_perception_dataset(
     """Generate the offline demo task: colour, count (1-4), position or a seven-segment digit, read off the image.
 
     Tasks alternate row by row; answers are drawn uniformly, so the small answer sets give an untrained policy some
-    hits (reward variance). Deterministic for a seed; adds a `task` column.
+    hits (reward variance). Deterministic for a seed; adds a `task` column. The prior task (`PRIOR_TASK`, not in the
+    default mix) is drawn with its training prior here and adds a boolean `prior_conflict` column.
     """
     return _synthetic_dataset(num_samples, random.Random(seed), image_size, tasks, prompt_suffix, system_prompt)
 
@@ -531,9 +575,11 @@ def make_synthetic_splits(
 ) -> datasets.DatasetDict:
     """Train/test splits of the synthetic task drawn from one random stream, so they never replay the same draws.
 
-    `train` equals `make_synthetic_perception_dataset(num_train, seed)`; `test` continues the stream.
+    `train` equals `make_synthetic_perception_dataset(num_train, seed)`; `test` continues the stream, and for the prior
+    task draws colours uniformly (the shape no longer predicts them; `prior_conflict` marks the rows where the shape's
+    training colour is wrong).
     """
     rng = random.Random(seed)
     train = _synthetic_dataset(num_train, rng, image_size, tasks, prompt_suffix, system_prompt)
-    test = _synthetic_dataset(num_test, rng, image_size, tasks, prompt_suffix, system_prompt)
+    test = _synthetic_dataset(num_test, rng, image_size, tasks, prompt_suffix, system_prompt, held_out=True)
     return datasets.DatasetDict({"train": train, "test": test})

@@ -1,5 +1,7 @@
-"""A few CPPO steps under `accelerate launch --num_processes 2` (CPU, gloo); writes `rank{N}.json` into OUTPUT_DIR with
-the `cppo/*` values of every log and a hash of the views this rank built for each prompt key.
+"""A few CPPO steps, then a few PAPO steps, under `accelerate launch --num_processes 2` (CPU, gloo); writes
+`rank{N}.json` into OUTPUT_DIR with the `cppo/*` and `papo/*` values of every log and a hash of the views (CPPO) and
+masked images (PAPO) this rank built for each prompt key. In the PAPO run one rank's prompts have no image, so it runs
+no masked pass: the metric collectives must still line up.
 
 Usage: accelerate launch --cpu --num_processes 2 ... tests/scripts/two_process_cppo.py MODEL_DIR OUTPUT_DIR
 """
@@ -17,7 +19,61 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the 
 from conftest import hashed_reward, textured_image  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from cppo_trl import CPPOConfig, CPPOTrainer  # noqa: E402
+from cppo_trl import CPPOConfig, CPPOTrainer, PAPOConfig, PAPOTrainer  # noqa: E402
+
+
+def _hashing(make, trainer, hashes: dict[str, list[str]]):
+    """Wraps a view maker to record a hash of the images it draws, per (step, prompt key)."""
+
+    def recording(raw_images, images, key):
+        views = make(raw_images, images, key)
+        digest = hashlib.sha256()
+        for which in sorted(views.images):
+            for image in views.images[which]:
+                digest.update(image.tobytes())
+        hashes.setdefault(f"{trainer.state.global_step}:{key.hex()}", []).append(digest.hexdigest())
+        return views
+
+    return recording
+
+
+def _logs(trainer, prefix: str) -> list[dict]:
+    logs = [{k: v for k, v in h.items() if k.startswith(prefix) or k == "step"} for h in trainer.state.log_history]
+    return [h for h in logs if len(h) > 1]
+
+
+def train_papo(model_dir: str, output_dir: str) -> dict:
+    """Prompts alternate image / text only, in order: each step, rank 0 gets an image prompt, rank 1 a text-only one."""
+    content = [{"type": "image"}, {"type": "text", "text": "What colour is the top left block?"}]
+    image_row = {"prompt": [{"role": "user", "content": content}], "images": [textured_image(0)]}
+    text_row = {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Say hi."}]}], "images": []}
+    args = PAPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=2,
+        num_generations=2,  # two prompts per step, one per rank
+        shuffle_dataset=False,
+        # TRL 1.16 gathers the batch's images for logging only on ranks that have images: a text-only rank would
+        # leave the other waiting forever (a TRL bug, reported; unrelated to PAPO).
+        log_multimodal=False,
+        max_completion_length=8,
+        max_steps=2,
+        beta=0.0,
+        perception_loss_weight=1.0,
+        der_loss_weight1=0.1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+    )
+    dataset = Dataset.from_list([image_row, text_row] * 4)
+    trainer = PAPOTrainer(model=model_dir, reward_funcs=hashed_reward, args=args, train_dataset=dataset)
+    hashes: dict[str, list[str]] = {}
+    trainer._make_masked_images = _hashing(trainer._make_masked_images, trainer, hashes)
+    trainer.train()
+    return {"logs": _logs(trainer, "papo/"), "mask_hashes": hashes}
 
 
 def main(model_dir: str, output_dir: str) -> None:
@@ -45,25 +101,14 @@ def main(model_dir: str, output_dir: str) -> None:
     )
     trainer = CPPOTrainer(model=model_dir, reward_funcs=hashed_reward, args=args, train_dataset=dataset)
     view_hashes: dict[str, list[str]] = {}
-    make_view_images = trainer._make_view_images
-
-    def recording(raw_images, images, key):
-        views = make_view_images(raw_images, images, key)
-        digest = hashlib.sha256()
-        for which in sorted(views.images):
-            for image in views.images[which]:
-                digest.update(image.tobytes())
-        view_hashes.setdefault(f"{trainer.state.global_step}:{key.hex()}", []).append(digest.hexdigest())
-        return views
-
-    trainer._make_view_images = recording
+    trainer._make_view_images = _hashing(trainer._make_view_images, trainer, view_hashes)
     trainer.train()
-    logs = [{k: v for k, v in h.items() if k.startswith("cppo/") or k == "step"} for h in trainer.state.log_history]
     result = {
         "rank": trainer.accelerator.process_index,
         "num_processes": trainer.accelerator.num_processes,
-        "logs": [h for h in logs if len(h) > 1],
+        "logs": _logs(trainer, "cppo/"),
         "view_hashes": view_hashes,
+        "papo": train_papo(model_dir, str(Path(output_dir) / "papo")),
     }
     path = Path(output_dir) / f"rank{trainer.accelerator.process_index}.json"
     path.write_text(json.dumps(result, indent=1))
