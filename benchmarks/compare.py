@@ -1,6 +1,6 @@
 """GRPO vs PAPO vs CPPO where perception is the bottleneck: the CPPO paper's comparison in miniature.
 
-`python benchmarks/compare.py --out outputs/compare` (`make compare`; ~40 min on 2 CPU cores, not part of the tests).
+`python benchmarks/compare.py --out outputs/compare` (`make compare`; ~20-40 min on 2 CPU cores, not part of the tests).
 Task (`cppo_trl.data.PRIOR_TASK`): "What is the color of the <shape> in the image?" In training the shape gives the
 colour 80% of the time, a prior the text offers and the image must override; the held-out split draws colours
 uniformly, so ~3/4 of its questions are *prior-conflicting* (the shape's training colour is wrong).
@@ -144,24 +144,30 @@ def write_markdown(table: dict, sft: dict, steps: int, done: int, planned: int, 
 
 
 def plot(results: list[dict], sft: dict, path: Path) -> None:
-    """Left: held-out accuracy per arm (bars: mean over seeds, dots: seeds), overall and prior-conflicting, with the
-    SFT start as lines. Right: train reward per step (mean over seeds, band: min-max)."""
+    """Left: held-out accuracy per arm (bars: mean over seeds, dots: seeds), overall, prior-conflicting and
+    prior-aligned, with the SFT start as lines. Right: train reward, 10-step rolling average (mean over seeds, band: min-max over seeds)."""
     from cppo_trl.visualize import _matplotlib
 
     plt = _matplotlib()
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.2))
     arms = [arm for arm in ARMS if any(r["arm"] == arm for r in results)]
-    for offset, (key, label) in enumerate((("accuracy", "overall"), ("conflict_accuracy", "prior-conflicting"))):
-        positions = [i + (offset - 0.5) * 0.38 for i in range(len(arms))]
+    groups = (
+        ("accuracy", "overall"),
+        ("conflict_accuracy", "prior-conflicting"),
+        ("aligned_accuracy", "prior-aligned"),
+    )
+    for offset, (key, label) in enumerate(groups):
+        positions = [i + (offset - 1) * 0.27 for i in range(len(arms))]
         values = [[r[key] for r in results if r["arm"] == arm] for arm in arms]
-        bars.bar(positions, [_mean(v) for v in values], width=0.36, label=label, alpha=0.75)
+        bars.bar(positions, [_mean(v) for v in values], width=0.25, label=label, alpha=0.75)
         for x, seeds in zip(positions, values, strict=True):
             bars.scatter([x] * len(seeds), seeds, color="black", s=12, zorder=3)
         bars.axhline(sft[key], color=f"C{offset}", ls="--", lw=1, label=f"SFT start, {label}")
     bars.set_xticks(range(len(arms)), [arm.upper() for arm in arms])
     bars.set_ylabel("held-out accuracy@8 (T = 1)")
     bars.set_title("held-out accuracy (dots: seeds)")
-    bars.legend(fontsize=7)
+    bars.legend(fontsize=6, ncol=2, loc="upper center")
+    bars.set_ylim(0, 1.15)
     bars.grid(alpha=0.3, axis="y")
     for arm in arms:
         runs = [r for r in results if r["arm"] == arm]
@@ -169,12 +175,15 @@ def plot(results: list[dict], sft: dict, path: Path) -> None:
         steps = runs[0]["reward_steps"][:length]
         columns = list(zip(*(r["reward"][:length] for r in runs), strict=True))
         window = 10
-        smooth = [_mean([_mean(c) for c in columns[max(0, i - window + 1) : i + 1]]) for i in range(length)]
-        curves.plot(steps, smooth, label=f"{arm.upper()} (mean of {len(runs)}, {window}-step average)")
-        curves.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.12)
+
+        def rolling(values, window=window):
+            return [_mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+        curves.plot(steps, rolling([_mean(c) for c in columns]), label=f"{arm.upper()} (mean of {len(runs)} seeds)")
+        curves.fill_between(steps, rolling([min(c) for c in columns]), rolling([max(c) for c in columns]), alpha=0.15)
     curves.set_xlabel("step")
     curves.set_ylabel("train reward (accuracy)")
-    curves.set_title("train reward (band: min-max over seeds)")
+    curves.set_title("train reward, 10-step average (band: min-max over seeds)")
     curves.grid(alpha=0.3)
     curves.legend(fontsize=7)
     fig.tight_layout()
@@ -193,11 +202,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--quick", action="store_true", help="2 RL steps, 4 SFT steps, 8 held-out rows: plumbing only."
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="ARM:FIELD=VALUE",
+        help="Change one arm's field for a sensitivity run, e.g. --set papo:perception_loss_weight=0.2 (repeatable).",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(levelname)s - %(name)s - %(message)s")
     unknown = set(args.arms.split(",")) - set(ARMS)
     if unknown:
         parser.error(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
+    for change in args.set:
+        arm, _, assignment = change.partition(":")
+        field, _, value = assignment.partition("=")
+        if arm not in ARMS or not field or not value:
+            parser.error(f"--set expects ARM:FIELD=VALUE with ARM in {list(ARMS)}, got {change!r}")
+        ARMS[arm] = [*ARMS[arm], f"--{field}", value]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    COMMON,
     count_policy_passes,
     generation_batch,
     hashed_reward,
@@ -409,3 +410,43 @@ def test_training_script_runs_the_papo_recipe(tiny_qwen, tmp_path):
     assert [h["step"] for h in history if "papo/kl_prc" in h] == [1, 2]
     card = (out / "README.md").read_text()
     assert "PAPO" in card and "2507.06448" in card and str(recipe) in card
+
+
+def test_training_features_together(tiny_qwen, tmp_path):
+    """β > 0 (reference model), μ = 2, gradient accumulation, gradient checkpointing (off for the masked pass, as TRL
+    turns it off for its own no-grad pass), η on, the authors' dual-clip and token-mean loss."""
+    trainer = _papo(
+        tiny_qwen,
+        tmp_path,
+        beta=0.04,
+        num_iterations=2,
+        gradient_accumulation_steps=2,
+        steps_per_generation=2,
+        gradient_checkpointing=True,
+        der_loss_weight1=0.05,
+        delta=3.0,
+        loss_type="bnpo",
+        max_steps=2,
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "kl" in h]
+    assert logs and all(math.isfinite(h["papo/kl_prc"]) and math.isfinite(h["loss"]) for h in logs)
+
+
+def test_lora_trains_adapters_only(tiny_qwen, tmp_path):
+    from peft import LoraConfig
+
+    args = PAPOConfig(output_dir=str(tmp_path), beta=0.0, max_steps=2, perception_loss_weight=0.5, **COMMON)
+    trainer = PAPOTrainer(
+        model=str(tiny_qwen),
+        reward_funcs=hashed_reward,
+        args=args,
+        train_dataset=make_dataset(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    assert all(h["papo/masked_view_rows"] == 4 for h in trainer.state.log_history if "loss" in h)
