@@ -13,7 +13,7 @@
 4. evaluates held-out accuracy@8 (temperature 1.0, the paper's protocol) before and after, and writes curves, a perception-token page, a perturbation
    sheet and `summary.json` into `--out`.
 
-`benchmarks/compare.py` reuses `sft_warmup`, `evaluate_accuracy` and `run_recipe` for the GRPO-vs-CPPO comparison.
+`benchmarks/compare.py` reuses `sft_warmup`, `evaluate_accuracy` and `run_recipe` for the GRPO vs PAPO vs CPPO comparison.
 """
 
 from __future__ import annotations
