@@ -430,7 +430,12 @@ class CPPOTrainer(GRPOTrainer):
         entropy_shift = removed.entropies.detach() - anchor_entropy  # (R, T)
         if args.perception_token_selection:
             selected = select_perception_tokens(
-                anchor_entropy, removed.entropies.detach(), mask, args.perception_top_fraction, args.perception_score
+                anchor_entropy,
+                removed.entropies.detach(),
+                mask,
+                args.perception_top_fraction,
+                args.perception_score,
+                k_rule=args.perception_k_rule,
             )
         else:
             selected = mask.bool()
