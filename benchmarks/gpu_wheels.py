@@ -29,17 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The GPU machine's own PyTorch stack: never downloaded (its CUDA build must match the machine).
 TORCH_STACK = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*|pytorch-triton.*)$")
-# manylinux tags are listed one by one: pip does not widen a given tag to older glibc versions.
-DEFAULT_PLATFORMS = (
-    "manylinux2014_x86_64",
-    "manylinux_2_17_x86_64",
-    "manylinux_2_24_x86_64",
-    "manylinux_2_27_x86_64",
-    "manylinux_2_28_x86_64",
-    "manylinux_2_31_x86_64",
-    "manylinux_2_34_x86_64",
-    "manylinux_2_35_x86_64",
-)
+# manylinux tags are listed one by one: pip does not widen a given tag to older glibc versions (nvidia-nccl wheels are
+# tagged 2_18, llguidance's 2_31). glibc 2.17 to 2.35 covers CentOS 7 to Ubuntu 22.04.
+DEFAULT_PLATFORMS = ("manylinux2014_x86_64", *(f"manylinux_2_{minor}_x86_64" for minor in range(17, 36)))
 
 
 def marker_environment(python_version: str) -> dict[str, str]:
