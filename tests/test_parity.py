@@ -54,7 +54,7 @@ def test_released_recipe_is_the_authors_run(size):
         ROOT / f"recipes/Qwen2.5-VL-{size}-Instruct/cppo/config_virl39k_released.yaml"
     )
     micro = RELEASED[size]
-    assert model_args.model_name_or_path == f"Qwen/Qwen2.5-VL-{size}-Instruct"
+    assert model_args.model_name_or_path == f"Qwen/Qwen2.5-VL-{size}-Instruct" and model_args.dtype == "bfloat16"
     # Batch geometry: micro-batch per GPU, verl's gradient accumulation (mini-batch per GPU / micro), 8 optimizer
     # steps per 512-prompt generation batch, each rollout used once.
     assert args.per_device_train_batch_size == micro
