@@ -1,18 +1,18 @@
 """`--help` of every console script, every `python -m cppo_trl.<module>` entry point and every benchmark script.
 
 Discovered, not listed: `[project.scripts]` of pyproject.toml, the package modules with a `__main__` block and
-`benchmarks/*.py`, so a script added later is covered. Each runs as a user runs it (a subprocess), all in parallel.
-A help string with an unescaped `%` (argparse formats help text) once crashed `cppo-train --help`.
+`benchmarks/*.py`, so a script added later is covered. Each runs in its own process, in parallel: one interpreter
+(`tests/scripts/run_help.py`) imports torch/transformers/TRL once and forks a child per entry point, which runs it as
+the user's command would. A help string with an unescaped `%` (argparse formats help text) once crashed
+`cppo-train --help`.
 """
 
+import json
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import pytest
 
 
 try:
@@ -22,48 +22,41 @@ except ModuleNotFoundError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "cppo_trl"
+RUNNER = ROOT / "tests" / "scripts" / "run_help.py"
 
 
-def entry_points() -> dict[str, list[str]]:
-    commands = {}
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    for name, target in scripts.items():
-        module, function = target.split(":")
-        # What the installed console script does (`sys.exit(function())`), without depending on the installed copy.
-        code = f"import sys; from {module} import {function}; sys.argv[0] = {name!r}; sys.exit({function}())"
-        commands[f"script:{name}"] = [sys.executable, "-c", code, "--help"]
+def entry_points() -> list[tuple[str, str, str]]:
+    """(kind, target, name): console scripts as `module:function`, package modules, benchmark files."""
+    entries = []
+    for name, target in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"].items():
+        entries.append(("script", target, name))
     for path in sorted(PACKAGE.glob("*.py")):
         if re.search(r"^if __name__ == .__main__.:", path.read_text(), flags=re.MULTILINE):
-            commands[f"module:cppo_trl.{path.stem}"] = [sys.executable, "-m", f"cppo_trl.{path.stem}", "--help"]
+            entries.append(("module", f"cppo_trl.{path.stem}", f"python -m cppo_trl.{path.stem}"))
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
-        commands[f"benchmark:{path.name}"] = [sys.executable, str(path), "--help"]
-    return commands
+        entries.append(("path", str(path), f"benchmarks/{path.name}"))
+    return entries
 
 
 def test_entry_points_are_discovered():
-    found = set(entry_points())
-    assert {"script:cppo-train", "script:cppo-visualize", "module:cppo_trl.cppo"} <= found
-    assert {"benchmark:bench.py", "benchmark:gpu_check.py", "benchmark:gpu_wheels.py"} <= found
+    names = {name for _, _, name in entry_points()}
+    assert {"cppo-train", "cppo-visualize", "python -m cppo_trl.cppo", "python -m cppo_trl.visualize"} <= names
+    assert {"benchmarks/bench.py", "benchmarks/gpu_check.py", "benchmarks/gpu_wheels.py"} <= names
 
 
 def test_every_entry_point_prints_help():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"))
-    started = time.perf_counter()
-    running = {
-        name: subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for name, command in entry_points().items()
-    }
-    failures = {}
-    for name, process in running.items():
-        try:
-            out, err = process.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            failures[name] = "timed out"
-            continue
-        if process.returncode != 0 or "usage:" not in out:
-            failures[name] = f"exit {process.returncode}\n{out[-1500:]}\n{err[-3000:]}"
-    assert not failures, "\n\n".join(f"{name}: {why}" for name, why in failures.items())
-    elapsed = time.perf_counter() - started
-    if elapsed > 60:
-        pytest.fail(f"--help of {len(running)} entry points took {elapsed:.0f} s")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"), TOKENIZERS_PARALLELISM="false")
+    entries = entry_points()
+    result = subprocess.run(
+        [sys.executable, str(RUNNER), json.dumps(entries)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(outputs) == {name for _, _, name in entries}
+    failures = {name: out for name, (code, out) in outputs.items() if code != 0 or "usage:" not in out}
+    assert not failures, "\n\n".join(f"{name}:\n{out[-3000:]}" for name, out in failures.items())
