@@ -126,7 +126,7 @@ def hashed_reward(completions, **kwargs) -> list[float]:
 
 
 # -------------------------------------------------------------------------------------------------------- trainers
-def make_trainer(variant: str, mode: str, model_dir: Path, dataset, args, out_dir: Path):
+def make_trainer(variant: str, mode: str, model_dir: Path, dataset, args, out_dir: Path, warmup: int):
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
@@ -139,7 +139,7 @@ def make_trainer(variant: str, mode: str, model_dir: Path, dataset, args, out_di
         "num_generations": args.generations,
         "max_completion_length": args.completion_length,
         "generation_kwargs": {"min_new_tokens": args.completion_length},
-        "max_steps": args.warmup + args.steps,
+        "max_steps": warmup + args.steps,
         "learning_rate": 1e-5 if mode == "lora" else 1e-6,
         "beta": 0.0,
         "temperature": 1.0,
@@ -202,10 +202,11 @@ def _logged(history: list[dict], key: str, skip: int) -> list[float]:
     return [float(v) for v in values[skip:]]
 
 
-def run_variant(variant: str, mode: str, model_dir: Path, dataset, args, out_dir: Path) -> dict[str, Any]:
+def run_variant(variant: str, mode: str, model_dir: Path, dataset, args, out_dir: Path, warmup: int) -> dict[str, Any]:
+    """Train `warmup + args.steps` real steps of one variant and measure the last `args.steps`."""
     from transformers import TrainerCallback
 
-    trainer = make_trainer(variant, mode, model_dir, dataset, args, out_dir)
+    trainer = make_trainer(variant, mode, model_dir, dataset, args, out_dir, warmup)
     config = trainer.model.config
     merge = trainer.processing_class.image_processor.merge_size
     steps: list[float] = []
@@ -238,7 +239,7 @@ def run_variant(variant: str, mode: str, model_dir: Path, dataset, args, out_dir
         trainer.train()
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
     history = trainer.state.log_history
-    skip = args.warmup
+    skip = warmup
     loss_phase = [total - prep for total, prep in zip(training_step, prepare, strict=True)][skip:]
     result = {
         "mode": mode,
@@ -256,10 +257,13 @@ def run_variant(variant: str, mode: str, model_dir: Path, dataset, args, out_dir
         "vision_token_mismatches": checks["problems"],
         "measured_steps": len(steps[skip:]),
     }
+    trainer.accelerator.free_memory()  # drops the accelerator's references to the model and optimizer
     del trainer
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
+        # Whatever is still allocated would inflate the next run's peak: make a leak visible in the report.
+        result["allocated_after_run_bytes"] = torch.cuda.memory_allocated()
     return result
 
 
@@ -312,7 +316,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {VARIANTS}")
     parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps per run (after --warmup)")
-    parser.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="unmeasured steps before each run's measured ones (on cuda the very first run always gets one, for "
+        "CUDA and kernel initialisation; generation, the bulk of a step, has no other warm-up cost)",
+    )
     parser.add_argument("--prompts", type=int, default=2, help="prompts per step")
     parser.add_argument("--generations", type=int, default=4, help="rollouts per prompt (G)")
     parser.add_argument("--completion-length", type=int, default=1024, help="completion tokens, forced")
@@ -356,8 +366,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )
                     continue
                 begin = time.perf_counter()
+                warmup = max(args.warmup, 1) if args.device == "cuda" and not durations else args.warmup
                 try:
-                    runs.append(run_variant(variant, mode, model_dir, dataset, args, Path(tmp)))
+                    runs.append(run_variant(variant, mode, model_dir, dataset, args, Path(tmp), warmup))
                 except Exception as error:  # one failed variant (e.g. out of memory) must not hide the others
                     logger.exception("%s/%s failed", mode, variant)
                     reasons.append(f"{mode}/{variant} failed: {type(error).__name__}: {error}"[:500])
