@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 
 RewardFunc = Callable[..., list[float | None]]
 
-# Released CPPO code (verl/recipe/cppo/reward.py): reward = 0.9 * accuracy + 0.1 * format, where accuracy is
-# mathruler's `grade_answer` on `extract_boxed_content` and format is this regex as a full match (no anchors needed).
+# Released CPPO run (verl/recipe/cppo/reward.py, and verl's geo3k.compute_score that the launch script applies to
+# ViRL39K: the same formula): reward = 0.9 * accuracy + 0.1 * format, where accuracy is mathruler's `grade_answer` on
+# `extract_boxed_content` and format is this regex as a full match (no anchors needed).
 RELEASED_ACCURACY_WEIGHT = 0.9
 RELEASED_FORMAT_WEIGHT = 0.1
 _RELEASED_FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
