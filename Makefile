@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test quality style demo bench compare clean
+.PHONY: install test quality style demo bench compare gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,20 @@ bench: $(STAMP)
 
 compare: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compare.py --out outputs/compare
+
+# Wheels of every dependency except torch, for an offline GPU machine with Python $(GPU_PYVER) (README "GPU").
+# TORCHVISION=none when that machine already has torchvision, or the version built for its torch.
+WHEELS ?= wheels/gpu
+GPU_PYVER ?= 3.12
+TORCHVISION ?=
+gpu-wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu_wheels.py --out $(WHEELS) --python-version $(GPU_PYVER) $(if $(TORCHVISION),--torchvision $(TORCHVISION))
+
+# On the GPU machine, in the environment that has torch (no .venv, no network):
+#   pip install --no-index --find-links wheels/gpu -e . && make gpu-check
+GPU_PYTHON ?= python
+gpu-check:
+	HF_HUB_OFFLINE=1 $(GPU_PYTHON) benchmarks/gpu_check.py --out outputs/gpu_check
 
 clean:
 	rm -rf outputs .pytest_cache

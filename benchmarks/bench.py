@@ -87,86 +87,17 @@ RESULT_KEYS = (
 
 
 # ----------------------------------------------------------------------------------------------------------- models
-def _qwen25_config_from(tiny_dir: Path, size: str):
-    """A bigger Qwen2.5-VL config sharing the tiny folder's tokenizer ids (so its processor still applies)."""
-    from transformers import Qwen2_5_VLConfig
-
-    tiny = Qwen2_5_VLConfig.from_pretrained(tiny_dir)
-    ids = {
-        k: getattr(tiny, k)
-        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    }
-    special = {k: getattr(tiny.text_config, k) for k in ("pad_token_id", "eos_token_id", "bos_token_id")}
-    if size == "small":  # ~41M parameters: 8 x 512 text layers, 16k vocabulary, 4-block 256-wide vision tower
-        text = {
-            "hidden_size": 512,
-            "intermediate_size": 1408,
-            "num_hidden_layers": 8,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 4,
-            "vocab_size": 16384,
-        }
-        vision = {
-            "depth": 4,
-            "hidden_size": 256,
-            "intermediate_size": 512,
-            "num_heads": 4,
-            "fullatt_block_indexes": [1, 3],
-        }
-        mrope = [8, 12, 12]  # head_dim 64 -> rotary half-dim 32
-    elif size == "3b":  # Qwen2.5-VL-3B shapes (random weights), for GPU machines only
-        text = {
-            "hidden_size": 2048,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 36,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 2,
-            "vocab_size": 151936,
-            "tie_word_embeddings": True,
-        }
-        vision = {
-            "depth": 32,
-            "hidden_size": 1280,
-            "intermediate_size": 3420,
-            "num_heads": 16,
-            "fullatt_block_indexes": [7, 15, 23, 31],
-        }
-        mrope = [16, 24, 24]  # head_dim 128
-    else:
-        raise ValueError(f"unknown size {size!r}")
-    text.update(
-        special,
-        max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope},
-    )
-    vision.update(
-        out_hidden_size=text["hidden_size"],
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-    )
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids, **special)
-
-
 def build_model(size: str, cache_dir: Path, image_size: int) -> Path:
-    """Folder with model + processor: the tiny test model, or a bigger random Qwen2.5-VL reusing its processor."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
-
+    """Folder with model + processor: the tiny test model, or a bigger random Qwen2.5-VL (`cppo_trl.testing` sizes:
+    "small" ~45M parameters, "3b" Qwen2.5-VL-3B shapes) with the tiny model's tokenizer and processor."""
     from cppo_trl.testing import build_tiny_vlm
 
-    tiny = build_tiny_vlm("qwen2_5_vl", image_size=image_size)
     if size == "tiny":
-        return tiny
-    folder = cache_dir / f"qwen2_5_vl-{size}-px{image_size}"
-    if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
-        return folder
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(_qwen25_config_from(tiny, size))
-    model.generation_config = GenerationConfig.from_pretrained(tiny)
-    model.save_pretrained(folder)
-    AutoProcessor.from_pretrained(tiny).save_pretrained(folder)
-    logger.info("built %s model (%d params) in %s", size, sum(p.numel() for p in model.parameters()), folder)
+        return build_tiny_vlm("qwen2_5_vl", image_size=image_size)
+    folder = build_tiny_vlm(
+        "qwen2_5_vl", cache_dir / f"qwen2_5_vl-{size}-s0-px{image_size}", image_size=image_size, size=size
+    )
+    logger.info("%s model in %s", size, folder)
     return folder
 
 

@@ -1,8 +1,7 @@
 """Every recipe parses into the training script's dataclasses and keeps the paper's numbers (recipes rot otherwise).
 
-Parsing runs the method's config `__post_init__` (`CPPOConfig` or `PAPOConfig`, per the recipe's `method`, and GRPO's
-batch checks) on this CPU machine. The GPU recipes keep their
-`bf16: true`: transformers 5 does not check bf16 support while parsing, only when the Trainer builds its Accelerator,
+Parsing runs the method's config `__post_init__` (`CPPOConfig` or `PAPOConfig`, per the recipe's `method`) and GRPO's
+batch checks on this CPU machine. The GPU recipes keep their `bf16: true`: transformers 5 does not check bf16 support while parsing, only when the Trainer builds its Accelerator,
 so no override is needed; `--use_cpu true` is still appended so that parsing on a GPU machine never initialises CUDA.
 Parsing sees one process, so the 8-GPU batch arithmetic is recomputed here with `GPUS` instead of the world size.
 """
@@ -52,7 +51,7 @@ def rel(path: Path) -> str:
 
 def field_defaults(method: str = "cppo") -> dict:
     defaults = {}
-    for cls in (TrainScriptArguments, METHODS[method][0], ModelConfig):
+    for cls in (TrainScriptArguments, METHODS[method], ModelConfig):
         for f in dataclasses.fields(cls):
             if f.default is not dataclasses.MISSING:
                 defaults[f.name] = f.default
@@ -69,7 +68,7 @@ def test_recipes_found():
 def test_recipe_parses(path):
     script_args, training_args, model_args = parse(path)
     method = "papo" if path.parent.name == "papo" else "cppo"
-    assert script_args.method == method and type(training_args) is METHODS[method][0]
+    assert script_args.method == method and type(training_args) is METHODS[method]
     assert script_args.dataset_name and model_args.model_name_or_path
     assert training_args.generation_batch_size % training_args.num_generations == 0
 
@@ -222,7 +221,7 @@ def test_papo_authors_recipes_match_their_scripts(size, variant):
     assert beta == 0 or not args.use_bias_correction_kl  # verl's KL loss has no importance ratio
     assert (script_args.min_pixels, script_args.max_pixels) == (200704, 1003520)
     assert script_args.prompt_suffix.startswith("\n\nYou first think through the reasoning process")
-    assert args.reward_weights == [0.9, 0.1]
+    assert script_args.reward_funcs == ["cppo_released"] and script_args.max_prompt_tokens == 4096
     # 384 prompts x 5 per rollout batch, 128 prompts x 5 per optimizer step (authors' rollout/global batch).
     assert args.per_device_train_batch_size * GPUS * args.steps_per_generation == 384 * 5
     assert args.per_device_train_batch_size * GPUS * args.gradient_accumulation_steps == 128 * 5

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
-from .perception import CPL_AGGREGATIONS, CPL_DIVERGENCES, PERCEPTION_SCORES
+from .perception import CPL_AGGREGATIONS, CPL_DIVERGENCES, PERCEPTION_K_RULES, PERCEPTION_SCORES
 from .perturbations import PRESERVING_PERTURBATIONS, REMOVING_PERTURBATIONS, PerturbationParams
 
 
@@ -17,6 +17,7 @@ PRESET_VALUES: dict[str, dict[str, object]] = {
     "paper": {
         "cpl_weight": 0.02,
         "perception_score": "raw",
+        "perception_k_rule": "exact",
         "cpl_divergence": "full",
         "cpl_aggregation": "all_tokens",
         "preserving_perturbations": ["color_jitter", "perspective", "rotation", "gaussian_blur"],
@@ -26,6 +27,7 @@ PRESET_VALUES: dict[str, dict[str, object]] = {
     "released": {
         "cpl_weight": 0.01,
         "perception_score": "normalized",
+        "perception_k_rule": "float32",
         "cpl_divergence": "k3",
         "cpl_aggregation": "selected_tokens",
         "preserving_perturbations": ["color_jitter", "perspective", "rotation"],
@@ -68,6 +70,8 @@ class CPPOConfig(GRPOConfig):
         perception_token_selection (`bool`, defaults to `True`): `False` applies CPL to every completion token.
         perception_top_fraction (`float`, defaults to `0.5`): K, fraction of positive-ΔH tokens kept.
         perception_score (`str`, *preset*): `"raw"` ΔH or `"normalized"` relu(ΔH)/H(I⁻).
+        perception_k_rule (`str`, *preset*): how k = K·n⁺ is rounded down: `"exact"` floor (paper) or the
+            released code's `"float32"` product then truncation.
 
         > Perturbations (paper §4.1 and §7; see `cppo_trl.perturbations`)
 
@@ -165,6 +169,15 @@ class CPPOConfig(GRPOConfig):
             "help": "Ranking score for top-K: 'raw' ΔH (paper) or 'normalized' relu(ΔH)/(H(I⁻)+1e-6) (released). "
             "Preset.",
             "choices": list(PERCEPTION_SCORES),
+        },
+    )
+    perception_k_rule: str | None = field(
+        default=None,
+        metadata={
+            "help": "How k = K·n⁺ is rounded down: 'exact' floor of K (read as written, e.g. 0.35) times n⁺ (paper), "
+            "or 'float32': the released code's float32 product then truncation, which is one lower for some "
+            "(n⁺, K), e.g. K 0.84 and n⁺ 75 give 62 instead of 63 (K 0.5 never differs). Preset.",
+            "choices": list(PERCEPTION_K_RULES),
         },
     )
     preserving_perturbations: list[str] | None = field(
@@ -272,6 +285,7 @@ class CPPOConfig(GRPOConfig):
             raise ValueError(f"cpl_chunk_size must be >= 1, got {self.cpl_chunk_size!r}.")
         for name, choices in (
             ("perception_score", PERCEPTION_SCORES),
+            ("perception_k_rule", PERCEPTION_K_RULES),
             ("cpl_divergence", CPL_DIVERGENCES),
             ("cpl_aggregation", CPL_AGGREGATIONS),
         ):

@@ -12,18 +12,22 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from importlib import import_module
 
 import datasets
 import transformers
 import yaml
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from transformers import AutoProcessor, set_seed
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import is_flash_attn_2_available
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
+from cppo_trl import data
 from cppo_trl.config import CPPOConfig
-from cppo_trl.papo import PAPOTrainer
+from cppo_trl.data import PROMPT_LAYOUTS
 from cppo_trl.papo_config import PAPOConfig
-from cppo_trl.trainer import CPPOTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -31,8 +35,10 @@ logger = logging.getLogger(__name__)
 TINY_PREFIX = "tiny:"
 VIRL39K_NAME = "TIGER-Lab/ViRL39K"
 GEOMETRY3K_NAME = "hiyouga/geometry3k"
-# The method switch: which config the parser fills and which trainer `main` builds.
-METHODS = {"cppo": (CPPOConfig, CPPOTrainer), "papo": (PAPOConfig, PAPOTrainer)}
+# The method switch: the config class the parser fills, and the trainer `main` builds (imported there, so that
+# `cppo-train --help` need not load TRL's trainer stack).
+METHODS = {"cppo": CPPOConfig, "papo": PAPOConfig}
+TRAINERS = {"cppo": ("cppo_trl.trainer", "CPPOTrainer"), "papo": ("cppo_trl.papo", "PAPOTrainer")}
 DEFAULT_METHOD = "cppo"
 
 
@@ -77,6 +83,53 @@ class CPPOScriptArguments(ScriptArguments):
     min_pixels: int | None = field(default=None, metadata={"help": "Qwen processor min_pixels (None: processor's)."})
     max_pixels: int | None = field(default=None, metadata={"help": "Qwen processor max_pixels (None: processor's)."})
 
+    # Row selection and prompt form of the authors' released run (README "Released-run parity"); all off by default.
+    max_images_per_row: int | None = field(
+        default=None,
+        metadata={
+            "help": "Drop rows with more images than this (the released ViRL39K preprocessing keeps rows with at most "
+            "1). None keeps every row. Applies to file datasets (synthetic rows have one image)."
+        },
+    )
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Drop rows whose processed prompt (chat template and image tokens included, images at this "
+            "recipe's pixel budget, counted with the processor) has more tokens than this, logging how many "
+            "were dropped; the released run uses 512 (verl max_prompt_length + filter_overlong_prompts). None keeps "
+            "every row."
+        },
+    )
+    prompt_filter_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Processes counting prompt tokens for max_prompt_tokens (None: one per 4 CPU cores)."},
+    )
+    min_image_side: int | None = field(
+        default=None,
+        metadata={
+            "help": "Upscale (LANCZOS, aspect kept) images whose short side is below this many pixels to it, as the "
+            "released ViRL39K preprocessing does with 28. None leaves images as they are. File datasets only."
+        },
+    )
+    prompt_layout: str = field(
+        default="default",
+        metadata={
+            "help": "'default' or 'released': the authors' prompt string ('<image>\\n' prepended when the question "
+            "has no placeholder, the instruction appended after the whole question). File datasets only.",
+            "choices": list(PROMPT_LAYOUTS),
+        },
+    )
+
+    def __post_init__(self):
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+        for name in ("max_images_per_row", "max_prompt_tokens", "prompt_filter_num_proc", "min_image_side"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value!r}")
+        if self.prompt_layout not in PROMPT_LAYOUTS:
+            raise ValueError(f"prompt_layout must be one of {PROMPT_LAYOUTS}, got {self.prompt_layout!r}")
+
 
 @dataclass
 class TrainScriptArguments(CPPOScriptArguments):
@@ -103,19 +156,57 @@ def resolve_model_path(model_name_or_path: str, family: str) -> str:
 
 def load_split(script_args: CPPOScriptArguments, split: str, seed: int) -> datasets.Dataset:
     """Routes `dataset_name` to its `cppo_trl.data` loader and returns one split in prompt/images/solution form."""
-    from cppo_trl import data
-
     name = script_args.dataset_name
     suffix = {} if script_args.prompt_suffix is None else {"prompt_suffix": script_args.prompt_suffix}
     if name == "synthetic":
         num = {"num_train": script_args.synthetic_num_train, "num_test": script_args.synthetic_num_test}
         splits = data.make_synthetic_splits(**num, seed=seed, tasks=script_args.synthetic_tasks, **suffix)
         return splits["train" if split == script_args.dataset_train_split else "test"]
+    rows = {
+        "max_images": script_args.max_images_per_row,
+        "min_image_side": script_args.min_image_side,
+        "prompt_layout": script_args.prompt_layout,
+        **suffix,
+    }
     if name == VIRL39K_NAME or (os.path.isdir(name) and "virl" in name.lower()):
-        return data.load_virl39k(name, split=split, **suffix)
+        return data.load_virl39k(name, split=split, **rows)
     if name == GEOMETRY3K_NAME or "geometry3k" in name.lower():
-        return data.load_geometry3k(name, split=split, **suffix)
-    return data.load_local(name, **suffix)
+        return data.load_geometry3k(name, split=split, **rows)
+    return data.load_local(name, **rows)
+
+
+def filter_long_prompts(
+    dataset: datasets.Dataset, processor, script_args: CPPOScriptArguments, training_args: CPPOConfig, split: str
+) -> datasets.Dataset:
+    """`max_prompt_tokens`: the main process counts every prompt with the processor, the other ranks receive the
+    counts (counting is the slow part: one processor call per row), and every rank drops the same rows."""
+    state = PartialState()
+    counts = [None]
+    if state.is_main_process:
+        num_proc = script_args.prompt_filter_num_proc or max(1, (os.cpu_count() or 1) // 4)
+        counts = [
+            data.prompt_token_counts(
+                dataset,
+                processor,
+                chat_template_kwargs=training_args.chat_template_kwargs,
+                num_proc=num_proc if num_proc > 1 else None,
+            )
+        ]
+    if state.num_processes > 1:
+        broadcast_object_list(counts)
+    return data.drop_long_prompts(dataset, counts[0], script_args.max_prompt_tokens, split=split)
+
+
+def resolve_attn_implementation(requested: str | None) -> str | None:
+    """`flash_attention_2` when the flash-attn package is importable, else `sdpa` with a warning: flash-attn ships
+    no wheels on PyPI (it builds against the local CUDA toolkit), so the GPU recipes must not depend on it."""
+    if requested == "flash_attention_2" and not is_flash_attn_2_available():
+        logger.warning(
+            "attn_implementation=flash_attention_2 but the flash-attn package is not installed: using 'sdpa' "
+            "(same results, slower on long rollouts). Install it with `pip install flash-attn --no-build-isolation`."
+        )
+        return "sdpa"
+    return requested
 
 
 def main(
@@ -125,10 +216,10 @@ def main(
     recipe: str | None = None,
 ):
     """Runs one training job of the method whose config `training_args` is; `recipe` is recorded in the model card."""
-    trainer_cls = next((t for config, t in METHODS.values() if type(training_args) is config), None)
-    if trainer_cls is None:
+    method = next((name for name, config in METHODS.items() if type(training_args) is config), None)
+    if method is None:
         raise TypeError(
-            f"training_args must be one of {[c.__name__ for c, _ in METHODS.values()]}, got "
+            f"training_args must be one of {[c.__name__ for c in METHODS.values()]}, got "
             f"{type(training_args).__name__}."
         )
     # ---- Logging: one format for every library, verbosity from the trainer's log_level
@@ -165,13 +256,8 @@ def main(
             "resume_from_checkpoint=true but %s has no checkpoint: training from scratch", training_args.output_dir
         )
 
-    # ---- Dataset
-    train_dataset = load_split(script_args, script_args.dataset_train_split, training_args.seed)
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = load_split(script_args, script_args.dataset_test_split, training_args.seed)
-
-    # ---- Processor: left padding, as generation appends on the right; Qwen pixel limits when given
+    # ---- Processor (before the dataset: the prompt-length filter counts with it): left padding, as generation
+    # appends on the right; Qwen pixel limits when given
     model_path = resolve_model_path(model_args.model_name_or_path, script_args.tiny_model_family)
     processor_kwargs = {k: getattr(script_args, k) for k in ("min_pixels", "max_pixels") if getattr(script_args, k)}
     processor = AutoProcessor.from_pretrained(
@@ -182,11 +268,25 @@ def main(
         **processor_kwargs,
     )
 
+    # ---- Dataset: loader options, then the processed prompt-length filter
+    splits = {script_args.dataset_train_split: None}
+    if training_args.eval_strategy != "no":
+        splits[script_args.dataset_test_split] = None
+    for split in splits:
+        dataset = load_split(script_args, split, training_args.seed)
+        if len(dataset) == 0:
+            raise ValueError(f"split {split!r} of {script_args.dataset_name!r} has no row left after loading")
+        if script_args.max_prompt_tokens is not None:
+            dataset = filter_long_prompts(dataset, processor, script_args, training_args, split)
+        splits[split] = dataset
+    train_dataset = splits[script_args.dataset_train_split]
+    eval_dataset = splits.get(script_args.dataset_test_split) if training_args.eval_strategy != "no" else None
+
     # ---- Model: loaded by the trainer from the path with these kwargs (it reloads the reference model the same way)
     training_args.model_init_kwargs = {
         **(training_args.model_init_kwargs or {}),
         "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
+        "attn_implementation": resolve_attn_implementation(model_args.attn_implementation),
         "dtype": model_args.dtype,
     }
 
@@ -195,8 +295,9 @@ def main(
 
     reward_funcs = get_reward_funcs(script_args.reward_funcs)
 
-    # ---- Trainer
-    trainer = trainer_cls(
+    # ---- Trainer (imported here: `cppo-train --help` need not load TRL's trainer stack)
+    module, name = TRAINERS[method]
+    trainer = getattr(import_module(module), name)(
         model=model_path,
         reward_funcs=reward_funcs,
         args=training_args,
@@ -217,7 +318,7 @@ def main(
     # ---- Save model and model card (main process only); the card names the method, paper and recipe
     trainer.save_model(training_args.output_dir)
     logger.info("Model saved to %s", training_args.output_dir)
-    tags = [trainer_cls._name.lower()] + ([f"recipe:{recipe}"] if recipe else [])
+    tags = [method] + ([f"recipe:{recipe}"] if recipe else [])
     if trainer.accelerator.is_main_process:
         trainer.create_model_card(dataset_name=script_args.dataset_name, tags=tags)
 
@@ -235,7 +336,7 @@ def main(
 
 def make_parser(method: str = DEFAULT_METHOD) -> TrlParser:
     """The parser of one method's recipes: script arguments, the method's config, TRL's model arguments."""
-    return TrlParser((TrainScriptArguments, METHODS[method][0], ModelConfig))
+    return TrlParser((TrainScriptArguments, METHODS[method], ModelConfig))
 
 
 def method_of(argv: list[str]) -> str:

@@ -32,6 +32,8 @@ from huggingface_hub import snapshot_download
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from .images import PixelBudget, prepare_image
+
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,11 @@ DEFAULT_PROMPT_SUFFIX = (
     "The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in \\boxed{}."
 )
 IMAGE_PLACEHOLDER = "<image>"
+# "default": image parts where the placeholders are, whitespace-only text dropped, the suffix on the last text part.
+# "released": the authors' verl preprocessing (examples/data_preprocess/virl39k.py, recipe/cppo/cppo_dataset.py):
+# "<image>\n" prepended when the question has no placeholder, the suffix appended to the whole string, then the
+# string split at the placeholders keeping every non-empty segment, so the rendered prompt is theirs token for token.
+PROMPT_LAYOUTS = ("default", "released")
 
 OnInvalid = Literal["raise", "skip"]
 
@@ -66,11 +73,17 @@ def build_prompt(
     num_images: int,
     prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX,
     system_prompt: str | None = None,
+    layout: str = "default",
 ) -> list[dict[str, Any]]:
     """Turn a question with `<image>` placeholders into TRL conversational messages with image parts in place.
 
-    Raises ValueError when the text has placeholders but not exactly `num_images` of them.
+    `layout` is one of `PROMPT_LAYOUTS` (see there). Raises ValueError when the text has placeholders but not
+    exactly `num_images` of them.
     """
+    if layout not in PROMPT_LAYOUTS:
+        raise ValueError(f"prompt layout must be one of {PROMPT_LAYOUTS}, got {layout!r}")
+    if layout == "released":
+        return _released_prompt(question, num_images, prompt_suffix, system_prompt)
     segments = question.split(IMAGE_PLACEHOLDER)
     num_placeholders = len(segments) - 1
     if num_placeholders and num_placeholders != num_images:
@@ -93,6 +106,49 @@ def build_prompt(
     if system_prompt:
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
     return messages
+
+
+def _released_prompt(
+    question: str, num_images: int, prompt_suffix: str | None, system_prompt: str | None
+) -> list[dict[str, Any]]:
+    text = question if IMAGE_PLACEHOLDER in question else IMAGE_PLACEHOLDER + "\n" + question
+    text += prompt_suffix or ""
+    num_placeholders = text.count(IMAGE_PLACEHOLDER)
+    if num_placeholders != num_images:
+        raise ValueError(f"{num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {num_images} image(s)")
+    content: list[dict[str, str]] = []
+    for position, segment in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if position:
+            content.append({"type": "image"})
+        if segment:
+            content.append({"type": "text", "text": segment})
+    messages = [{"role": "user", "content": content}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    return messages
+
+
+def upscale_short_side(image: PILImage.Image, min_side: int) -> PILImage.Image:
+    """The image with its short side raised to `min_side` px (LANCZOS, aspect kept, sides rounded), or unchanged.
+
+    The authors' ViRL39K preprocessing does this with `min_side=28` so that no image is smaller than one merged
+    Qwen vision token; the processor alone would instead round such a side up to 28 px and stretch the image.
+    """
+    width, height = image.size
+    if min(width, height) >= min_side:
+        return image
+    scale = max(min_side / width, min_side / height)
+    return image.resize((int(round(width * scale)), int(round(height * scale))), PILImage.Resampling.LANCZOS)
+
+
+def _upscaled(encoded: dict[str, Any], min_side: int) -> dict[str, Any]:
+    """Re-encode (lossless PNG) only the images that `upscale_short_side` changes; others stay file references."""
+    with PILImage.open(io.BytesIO(encoded["bytes"]) if encoded["bytes"] is not None else encoded["path"]) as image:
+        if min(image.size) >= min_side:
+            return encoded
+        buffer = io.BytesIO()
+        upscale_short_side(image, min_side).save(buffer, format="PNG")
+    return {"path": None, "bytes": buffer.getvalue()}
 
 
 def _encode_image(source: Any, image_root: Path | None) -> dict[str, Any]:
@@ -144,6 +200,8 @@ def convert_rows(
     system_prompt: str | None = None,
     on_invalid: OnInvalid = "raise",
     max_images: int | None = None,
+    min_image_side: int | None = None,
+    prompt_layout: str = "default",
     num_workers: int = 8,
 ) -> datasets.Dataset:
     """Validate source rows and convert them to `prompt` / `images` / `solution` (+ `keep_columns`).
@@ -151,10 +209,17 @@ def convert_rows(
     A row is invalid when its answer is empty, it has no image, its `<image>` placeholders do not match its images,
     or an image is missing or does not decode. `on_invalid="raise"` raises a ValueError naming the row;
     `"skip"` drops it and logs the number of dropped rows per reason. `max_images` drops (and logs) rows with more
-    images, as the released CPPO code does with multi-image rows. Images are checked in `num_workers` threads.
+    images, as the released CPPO code does with multi-image rows. `min_image_side` upscales smaller images (see
+    `upscale_short_side`); `prompt_layout` is passed to `build_prompt`. Images are checked in `num_workers` threads.
     """
     if on_invalid not in ("raise", "skip"):
         raise ValueError(f"on_invalid must be 'raise' or 'skip', got {on_invalid!r}")
+    if prompt_layout not in PROMPT_LAYOUTS:
+        raise ValueError(f"prompt_layout must be one of {PROMPT_LAYOUTS}, got {prompt_layout!r}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1 or None, got {max_images!r}")
+    if min_image_side is not None and min_image_side < 1:
+        raise ValueError(f"min_image_side must be >= 1 or None, got {min_image_side!r}")
     rows = list(rows)
     required = [question_column, answer_column, image_column, *keep_columns] + ([id_column] if id_column else [])
     missing_columns = [column for column in required if rows and column not in rows[0]]
@@ -181,11 +246,14 @@ def convert_rows(
             if not images:
                 raise _InvalidRow("no_images", f"no image in {image_column!r}")
             try:
-                prompt = build_prompt(str(row[question_column] or ""), len(images), prompt_suffix, system_prompt)
+                question = str(row[question_column] or "")
+                prompt = build_prompt(question, len(images), prompt_suffix, system_prompt, layout=prompt_layout)
             except ValueError as error:
                 raise _InvalidRow("placeholder_mismatch", str(error)) from error
             for position, encoded in enumerate(images):
                 _check_image(encoded, position)
+            if min_image_side is not None:
+                images = [_upscaled(encoded, min_image_side) for encoded in images]
         except _InvalidRow as invalid:
             return index, invalid
         converted = {"prompt": prompt, "images": images, "solution": str(answer).strip()}
@@ -253,6 +321,8 @@ def load_local(
     system_prompt: str | None = None,
     on_invalid: OnInvalid = "raise",
     max_images: int | None = None,
+    min_image_side: int | None = None,
+    prompt_layout: str = "default",
     num_workers: int = 8,
 ) -> datasets.Dataset:
     """Load a local JSONL / JSON / parquet file whose image column holds paths (str or list) or embedded bytes.
@@ -272,6 +342,8 @@ def load_local(
         system_prompt=system_prompt,
         on_invalid=on_invalid,
         max_images=max_images,
+        min_image_side=min_image_side,
+        prompt_layout=prompt_layout,
         num_workers=num_workers,
     )
 
@@ -300,6 +372,8 @@ def load_virl39k(
     system_prompt: str | None = None,
     on_invalid: OnInvalid = "raise",
     max_images: int | None = None,
+    min_image_side: int | None = None,
+    prompt_layout: str = "default",
     num_workers: int = 8,
 ) -> datasets.Dataset:
     """Load ViRL39K from the Hub (snapshot download) or a local folder with `39Krelease.parquet` and images.
@@ -307,7 +381,7 @@ def load_virl39k(
     Images come from the folder's `images/` if present, else `images.zip` is extracted once into
     `extract_dir/images` (default: the dataset folder; pass `extract_dir` when that folder is read-only).
     ViRL39K ships a single split, so only `split="train"` exists. Keeps `qid`, `category` and `source`.
-    Pass `max_images=1` to drop multi-image rows like the released CPPO code.
+    The released CPPO preprocessing is `max_images=1, min_image_side=28, prompt_layout="released"`.
     """
     if split != "train":
         raise ValueError(f"ViRL39K has a single 'train' split, got {split!r}")
@@ -342,6 +416,8 @@ def load_virl39k(
         system_prompt=system_prompt,
         on_invalid=on_invalid,
         max_images=max_images,
+        min_image_side=min_image_side,
+        prompt_layout=prompt_layout,
         num_workers=num_workers,
     )
 
@@ -364,6 +440,9 @@ def load_geometry3k(
     prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX,
     system_prompt: str | None = None,
     on_invalid: OnInvalid = "raise",
+    max_images: int | None = None,
+    min_image_side: int | None = None,
+    prompt_layout: str = "default",
     num_workers: int = 8,
 ) -> datasets.Dataset:
     """Load Geometry3K (`images`, `problem`, `answer`) from the Hub or a local parquet file / folder.
@@ -390,8 +469,85 @@ def load_geometry3k(
         prompt_suffix=prompt_suffix,
         system_prompt=system_prompt,
         on_invalid=on_invalid,
+        max_images=max_images,
+        min_image_side=min_image_side,
+        prompt_layout=prompt_layout,
         num_workers=num_workers,
     )
+
+
+# --- prompt-length filter ---------------------------------------------------------------------------------------
+
+
+def prompt_token_counts(
+    dataset: datasets.Dataset,
+    processor: Any,
+    *,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    num_proc: int | None = None,
+) -> list[int]:
+    """Tokens of every row's prompt exactly as the trainer feeds it to the model, image tokens included.
+
+    Images go through `prepare_image` with the processor's own pixel budget (`PixelBudget.from_processor`), as the
+    trainer prepares them, and the prompt is rendered the way TRL 1.16's `_tokenize_prompts` does it
+    (`prepare_multimodal_messages`, then `processor.apply_chat_template(..., add_generation_prompt=True)`).
+    """
+    from trl.data_utils import prepare_multimodal_messages
+
+    budget = PixelBudget.from_processor(processor)
+    template_kwargs = dict(chat_template_kwargs or {})
+
+    def count(row: dict[str, Any]) -> dict[str, int]:
+        images = [prepare_image(image, budget) for image in row.get("images") or []]
+        messages = prepare_multimodal_messages(row["prompt"], images=images)
+        encoded = processor.apply_chat_template(
+            conversation=[messages], add_generation_prompt=True, tokenize=True, return_dict=True, **template_kwargs
+        )
+        return {"prompt_tokens": len(encoded["input_ids"][0])}
+
+    if len(dataset) == 0:
+        return []
+    counted = dataset.map(
+        count, remove_columns=dataset.column_names, num_proc=num_proc, desc="Counting processed prompt tokens"
+    )
+    return list(counted["prompt_tokens"])
+
+
+def drop_long_prompts(
+    dataset: datasets.Dataset, counts: Sequence[int], max_tokens: int, split: str = "train"
+) -> datasets.Dataset:
+    """Keep the rows whose processed prompt has at most `max_tokens` tokens (verl's `filter_overlong_prompts`, which
+    keeps `length <= max_prompt_length`), log how many were dropped, and raise if none is left."""
+    if max_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1, got {max_tokens!r}")
+    if len(counts) != len(dataset):
+        raise ValueError(f"{len(counts)} prompt lengths for {len(dataset)} rows of split {split!r}")
+    keep = [index for index, count in enumerate(counts) if count <= max_tokens]
+    if not keep:
+        shortest = f"; the shortest processed prompt has {min(counts)} tokens" if counts else " (the split is empty)"
+        raise ValueError(f"max_prompt_tokens={max_tokens} leaves no row of split {split!r}{shortest}")
+    dropped = len(dataset) - len(keep)
+    longest_kept = max(counts[index] for index in keep)
+    if dropped:
+        logger.warning(
+            "Prompt-length filter, split %r: dropped %d of %d rows whose processed prompt exceeds %d tokens "
+            "(longest kept %d, longest dropped %d)",
+            split,
+            dropped,
+            len(dataset),
+            max_tokens,
+            longest_kept,
+            max(counts),
+        )
+        return dataset.select(keep)
+    logger.info(
+        "Prompt-length filter, split %r: all %d rows within %d tokens (longest %d)",
+        split,
+        len(dataset),
+        max_tokens,
+        longest_kept,
+    )
+    return dataset
 
 
 # --- synthetic perception task ----------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ Precision: every function upcasts bf16/fp16/fp32 inputs to float32 (and keeps fl
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,6 +22,7 @@ __all__ = [
     "CPL_AGGREGATIONS",
     "CPL_DIVERGENCES",
     "PERCEPTION_SCORES",
+    "PERCEPTION_K_RULES",
     "POLICY_LOSS_TYPES",
     "aggregate_like_policy_loss",
     "contrastive_loss_from_divergences",
@@ -28,11 +31,15 @@ __all__ = [
     "full_kl",
     "k3_divergence",
     "papo_token_terms",
+    "perception_token_count",
     "select_perception_tokens",
 ]
 
 # Single source of truth for the enum-like options; the config module imports these for its `choices`.
 PERCEPTION_SCORES = ("raw", "normalized")  # paper: ΔH; released: relu(ΔH) / (H(I⁻) + 1e-6)
+# How k = K·n⁺ is rounded down. paper: the exact floor of K, read as the decimal it was written as, times n⁺;
+# released: the authors' `(counts.float() * top_percent).long()`, a float32 product then truncation.
+PERCEPTION_K_RULES = ("exact", "float32")
 CPL_DIVERGENCES = ("full", "k3")  # paper: full-vocabulary KL; released: k3 on the sampled token
 CPL_AGGREGATIONS = ("all_tokens", "selected_tokens")  # paper: like the policy loss (Eq. 9); released: / selected
 # TRL 1.16's loss types, each with its own policy-loss normaliser that `aggregate_like_policy_loss` mirrors.
@@ -71,18 +78,37 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(p * torch.where(p > 0, logp, 0.0)).sum(dim=-1)  # (...)
 
 
+def perception_token_count(n_positive: Tensor, top_fraction: float, rule: str = "exact") -> Tensor:
+    """floor(K · n⁺) per row, as an integer tensor shaped like `n_positive` (the caller applies max(1, ·)).
+
+    ``"exact"`` (paper): K is read as the shortest decimal that round-trips its float (0.35 stays 35/100, not
+    0.34999999999999997...), and the floor is taken in integer arithmetic, so 0.35 · 180 = 63 (a float64 product
+    gives 62). ``"float32"`` (released): the authors' ``(counts.float() * top_percent).long()``: n⁺ and K in
+    float32, the product rounded to float32, then truncated; e.g. 0.84 · 75 gives 62 there and 63 exactly. For
+    K = 0.5 (both presets) the two agree for every n⁺ < 2^24.
+    """
+    _check_choice("rule", rule, PERCEPTION_K_RULES)
+    n_positive = n_positive.long()
+    if rule == "float32":
+        return (n_positive.to(torch.float32) * float(top_fraction)).long()
+    # A denominator below 2^31 keeps n⁺ · numerator inside int64; exact for any K written with up to 9 decimals.
+    fraction = Fraction(repr(float(top_fraction))).limit_denominator(2**31 - 1)
+    return torch.div(n_positive * fraction.numerator, fraction.denominator, rounding_mode="floor")
+
+
 def select_perception_tokens(
     anchor_entropy: Tensor,
     removed_entropy: Tensor,
     completion_mask: Tensor,
     top_fraction: float,
     score: str = "raw",
+    k_rule: str = "exact",
 ) -> Tensor:
     """Boolean mask (..., T) of perception tokens: the top fraction of positive-ΔH tokens per row (Eqs. 4-6).
 
     ΔH = H(I⁻) - H(I). Candidates are completion positions (``completion_mask != 0``) with finite ΔH > 0
-    (NaN ΔH is never a candidate). Per row, with n⁺ candidates, k = max(1, floor(top_fraction · n⁺))
-    (0 when n⁺ = 0; the product is taken in float64, i.e. exactly Python's ``int(top_fraction * n)``).
+    (NaN ΔH is never a candidate). Per row, with n⁺ candidates, k = max(1, floor(top_fraction · n⁺)), 0 when
+    n⁺ = 0, rounded as ``k_rule`` says (see `perception_token_count`).
     Kept: candidates whose score is >= the k-th largest candidate score, so ties at the threshold are all
     kept and a row may keep more than k tokens (released code's behaviour, used for both scores).
     ``score="raw"`` ranks by ΔH (paper); ``"normalized"`` by relu(ΔH) / (H(I⁻) + 1e-6) (released code).
@@ -93,6 +119,7 @@ def select_perception_tokens(
     if not 0.0 < top_fraction <= 1.0:  # also rejects NaN
         raise ValueError(f"`top_fraction` must be in (0, 1], got {top_fraction}.")
     _check_choice("score", score, PERCEPTION_SCORES)
+    _check_choice("k_rule", k_rule, PERCEPTION_K_RULES)
     _check_same_shape(anchor_entropy=anchor_entropy, removed_entropy=removed_entropy, completion_mask=completion_mask)
     if anchor_entropy.dim() == 0:
         raise ValueError("entropies must have a token dimension (..., T), got a scalar.")
@@ -114,7 +141,7 @@ def select_perception_tokens(
         scores = scores.masked_fill(~candidate, float("-inf"))  # (B, T)
 
         n_pos = candidate.sum(dim=-1)  # (B,)
-        k = torch.floor(n_pos.to(torch.float64) * top_fraction).long().clamp_min(1)  # (B,)
+        k = perception_token_count(n_pos, top_fraction, k_rule).clamp_min(1)  # (B,)
         # Threshold = k-th largest score; non-candidates (-inf) sort last and k <= n⁺ keeps them out
         # (a row with n⁺ = 0 gets some threshold but has no candidate to keep).
         sorted_scores = scores.sort(dim=-1, descending=True).values  # (B, T)

@@ -10,20 +10,29 @@ TRL logs each reward under the function's `__name__`, so every registered functi
 
 import logging
 import re
+import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from mathruler.grader import extract_boxed_content, grade_answer
 
 
 logger = logging.getLogger(__name__)
 
 RewardFunc = Callable[..., list[float | None]]
 
-# Released CPPO code (SPEC §5): reward = 0.9 * accuracy + 0.1 * format.
+# Released CPPO run (verl/recipe/cppo/reward.py, and verl's geo3k.compute_score that the launch script applies to
+# ViRL39K: the same formula): reward = 0.9 * accuracy + 0.1 * format, where accuracy is mathruler's `grade_answer` on
+# `extract_boxed_content` and format is this regex as a full match (no anchors needed).
 RELEASED_ACCURACY_WEIGHT = 0.9
 RELEASED_FORMAT_WEIGHT = 0.1
+_RELEASED_FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
+_RELEASED_BOXED = "\\boxed{"
+# mathruler calls sympy.simplify without a time limit; one pathological answer must not stall a multi-day run.
+RELEASED_GRADE_TIMEOUT_S = 10.0
 
 # math_verify guards sympy with a signal.alarm timeout; signals only work in the main thread.
 MATH_VERIFY_TIMEOUT_S = 5
@@ -169,12 +178,82 @@ def format_reward(completions: Sequence, **kwargs) -> list[float | None]:
 
 @_named("cppo_released")
 def released_reward(completions: Sequence, solution: Sequence, **kwargs) -> list[float | None]:
-    """The released CPPO reward: 0.9 * accuracy + 0.1 * format."""
+    """The released CPPO reward, scored exactly as `verl/recipe/cppo/reward.py`: 0.9 * mathruler accuracy + 0.1 *
+    full-match format (see `released_accuracy`, `released_format`). Not the paper preset's `accuracy`/`format`."""
     texts = [completion_text(c) for c in completions]
     return [
-        RELEASED_ACCURACY_WEIGHT * _accuracy(text, s) + RELEASED_FORMAT_WEIGHT * _format(text)
+        RELEASED_ACCURACY_WEIGHT * released_accuracy(text, s) + RELEASED_FORMAT_WEIGHT * released_format(text)
         for text, s in zip(texts, solution, strict=True)
     ]
+
+
+class _GradeTimeout(Exception):
+    """Raised by the interval timer inside mathruler's grading."""
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[list[bool]]:
+    """Yields a flag list that holds True once `seconds` of wall time passed (main thread only; elsewhere no limit).
+
+    The alarm raises inside whatever mathruler is doing; mathruler's own bare `except:` clauses swallow it and it then
+    answers "not equal" at once, so the flag (not the exception) tells the caller that the grade is unreliable.
+    """
+    fired = [False]
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        yield fired
+        return
+
+    def on_alarm(signum, frame):
+        fired[0] = True
+        raise _GradeTimeout
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield fired
+    except _GradeTimeout:
+        fired[0] = True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def released_ground_truth(solution: Any) -> str:
+    """The authors' ground truth: `extract_boxed_content(answer)` for boxed answers (their ViRL39K preprocessing,
+    which yields "None" for an unbalanced box, as theirs), the answer itself otherwise (their Geometry3K)."""
+    text = "" if solution is None else str(solution)
+    return extract_boxed_content(text) if _RELEASED_BOXED in text else text
+
+
+def released_accuracy(text: str, solution: Any) -> float:
+    """1.0 when mathruler grades the last `\\boxed{...}` of `text` equal to the ground truth, as the released code.
+
+    No box, an unbalanced last box or `\\boxed {` (with a space) extract the string "None", as in mathruler. A grade
+    that exceeds `RELEASED_GRADE_TIMEOUT_S` scores 0.0 with a warning, and one that raises scores 0.0 (the authors'
+    code would block or crash there; on every input where it returns, the score is theirs).
+    """
+    prediction, gold = extract_boxed_content(text), released_ground_truth(solution)
+    correct = False
+    with _time_limit(RELEASED_GRADE_TIMEOUT_S) as timed_out:
+        try:
+            correct = grade_answer(prediction, gold)
+        except Exception:  # mathruler parses model output with sympy; a crash must not stop training (scores 0)
+            logger.debug("mathruler failed on prediction=%r gold=%r", prediction, gold, exc_info=True)
+    if timed_out[0]:
+        logger.warning(
+            "mathruler grading exceeded %.0f s: scored 0 (prediction=%r, gold=%r)",
+            RELEASED_GRADE_TIMEOUT_S,
+            prediction[:200],
+            gold[:200],
+        )
+        return 0.0
+    return float(bool(correct))
+
+
+def released_format(text: str) -> float:
+    """1.0 when `text` fully matches `<think>.*</think>.*\\boxed\{.*\}.*` (DOTALL), as the released code: it must
+    start with `<think>` (no leading whitespace) and may hold several think blocks."""
+    return float(_RELEASED_FORMAT.fullmatch(text) is not None)
 
 
 @_named("answer_match")

@@ -23,6 +23,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MODEL_SIZES",
     "TINY_VLM_FAMILIES",
     "build_local_tokenizer",
     "build_tiny_vlm",
@@ -298,6 +299,68 @@ def _qwen2_5_vl_config(tokenizer, image_size: int):
         vision_config=vision,
         **_qwen_vision_ids(tokenizer),
         **_special_ids(tokenizer),
+    )
+
+
+# Bigger Qwen2.5-VL shapes (random weights) for benchmarks and the GPU check, with the tiny tokenizer and processor.
+# "3b" is Qwen2.5-VL-3B-Instruct's config.json: text 36 x 2048 (GQA 16/2 heads, MLP 11008, vocabulary 151936, tied
+# embeddings), vision 32 x 1280 blocks (window attention, full attention in 7/15/23/31). "small" is ~41M parameters.
+MODEL_SIZES = ("tiny", "small", "3b")
+_QWEN2_5_VL_SHAPES: dict[str, tuple[dict[str, Any], dict[str, Any], list[int]]] = {
+    "small": (
+        {
+            "hidden_size": 512,
+            "intermediate_size": 1408,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "vocab_size": 16384,
+        },
+        {"depth": 4, "hidden_size": 256, "intermediate_size": 512, "num_heads": 4, "fullatt_block_indexes": [1, 3]},
+        [8, 12, 12],  # head_dim 64 -> rotary half-dim 32
+    ),
+    "3b": (
+        {
+            "hidden_size": 2048,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "vocab_size": 151936,
+            "tie_word_embeddings": True,
+        },
+        {
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+        },
+        [16, 24, 24],  # head_dim 128
+    ),
+}
+
+
+def _qwen2_5_vl_sized_config(tokenizer, size: str):
+    from transformers import Qwen2_5_VLConfig
+
+    text, vision, mrope = (dict(part) if isinstance(part, dict) else list(part) for part in _QWEN2_5_VL_SHAPES[size])
+    if text["vocab_size"] < len(tokenizer):
+        raise ValueError(f"size {size!r}: vocabulary {text['vocab_size']} is smaller than the tokenizer")
+    text.update(
+        _special_ids(tokenizer),
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope},
+    )
+    vision.update(
+        out_hidden_size=text["hidden_size"],
+        patch_size=_PATCH,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, **_qwen_vision_ids(tokenizer), **_special_ids(tokenizer)
     )
 
 
@@ -606,16 +669,19 @@ TINY_VLM_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _marker(family: str, seed: int, image_size: int) -> dict[str, Any]:
+def _marker(family: str, seed: int, image_size: int, size: str = "tiny", dtype: str = "float32") -> dict[str, Any]:
     import transformers
 
-    return {
+    marker = {
         "family": family,
         "seed": seed,
         "image_size": image_size,
         "build_version": _BUILD_VERSION,
         "transformers": transformers.__version__,
     }
+    if size != "tiny" or dtype != "float32":  # tiny fp32 markers stay as they were: existing caches remain valid
+        marker.update(size=size, dtype=dtype)
+    return marker
 
 
 def _read_marker(path: Path) -> dict[str, Any] | None:
@@ -640,7 +706,15 @@ def _randomize_zero_matrices(model, std: float = 0.02) -> None:
                 param.normal_(0.0, std)
 
 
-def _build_into(folder: Path, family: str, seed: int, image_size: int) -> None:
+def _build_into(
+    folder: Path,
+    family: str,
+    seed: int,
+    image_size: int,
+    size: str = "tiny",
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
@@ -657,10 +731,11 @@ def _build_into(folder: Path, family: str, seed: int, image_size: int) -> None:
         chat_template=chat_template,
     )
     processor = spec.build_processor(tokenizer, chat_template, image_size)
-    config = spec.build_config(tokenizer, image_size)
+    config = spec.build_config(tokenizer, image_size) if size == "tiny" else _qwen2_5_vl_sized_config(tokenizer, size)
 
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config)
+    with torch.device(device):  # initialise a 3B model on the GPU directly: minutes and 15 GB of RAM on CPU
+        model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
     _randomize_zero_matrices(model)
     model.eval()
 
@@ -684,9 +759,15 @@ def build_tiny_vlm(
     seed: int = 0,
     image_size: int = 112,
     overwrite: bool = False,
+    size: str = "tiny",
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> Path:
     """Builds a tiny random VLM of ``family`` into ``output_dir`` and returns the folder.
 
+    ``size`` other than ``"tiny"`` (``MODEL_SIZES``, Qwen2.5-VL only) keeps the tiny tokenizer and processor but gives
+    the model bigger shapes: ``"3b"`` is Qwen2.5-VL-3B's (random weights), for the GPU check and benchmarks; build
+    it with ``device="cuda", dtype="bfloat16"``. The weights are saved in ``dtype``.
     The folder loads with ``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained``.
     A marker json records the arguments; a folder already built with the same arguments is reused as-is unless
     ``overwrite=True``. The build happens in a sibling temp folder that is renamed into place, so a crash (or a
@@ -697,9 +778,18 @@ def build_tiny_vlm(
     if image_size < 56 or image_size % 28:
         # 14-px patches merged 2x2: other sizes would leave partial patches and mismatched token counts.
         raise ValueError(f"image_size must be a multiple of 28 and at least 56, got {image_size}")
-    folder = Path(output_dir) if output_dir is not None else default_cache_dir() / f"{family}-s{seed}-px{image_size}"
+    if size not in MODEL_SIZES or (size != "tiny" and family != "qwen2_5_vl"):
+        raise ValueError(f"size must be one of {MODEL_SIZES} ('tiny' only for {family!r}), got {size!r}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    suffix = "" if size == "tiny" and dtype == "float32" else f"-{size}-{dtype}"
+    folder = (
+        Path(output_dir)
+        if output_dir is not None
+        else default_cache_dir() / f"{family}-s{seed}-px{image_size}{suffix}"
+    )
     folder = folder.expanduser().resolve()
-    expected = _marker(family, seed, image_size)
+    expected = _marker(family, seed, image_size, size, dtype)
 
     if folder.exists():
         found = _read_marker(folder)
@@ -712,7 +802,7 @@ def build_tiny_vlm(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        _build_into(tmp, family, seed, image_size)
+        _build_into(tmp, family, seed, image_size, size, dtype, device)
         (tmp / _MARKER_FILE).write_text(json.dumps(expected, indent=2) + "\n", encoding="utf-8")
         if folder.exists():
             if not overwrite and _read_marker(folder) == expected:

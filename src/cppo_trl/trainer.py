@@ -210,7 +210,12 @@ class CPPOTrainer(PerceptionGRPOTrainer):
         entropy_shift = removed.entropies.detach() - anchor_entropy  # (R, T)
         if args.perception_token_selection:
             selected = select_perception_tokens(
-                anchor_entropy, removed.entropies.detach(), mask, args.perception_top_fraction, args.perception_score
+                anchor_entropy,
+                removed.entropies.detach(),
+                mask,
+                args.perception_top_fraction,
+                args.perception_score,
+                k_rule=args.perception_k_rule,
             )
         else:
             selected = mask.bool()

@@ -31,7 +31,7 @@ import PIL.ImageDraw
 import torch
 
 from .images import PixelBudget, prepare_image, to_rgb
-from .perception import entropy_from_logits, select_perception_tokens
+from .perception import entropy_from_logits, perception_token_count, select_perception_tokens
 from .perturbations import (
     PRESERVING_PERTURBATIONS,
     REMOVING_PERTURBATIONS,
@@ -228,7 +228,7 @@ def inspect_perception_tokens(
     mask = torch.ones_like(anchor, dtype=torch.bool)
     selected = select_perception_tokens(anchor[None], removed[None], mask[None], top_fraction, score)[0]
     n_pos = int(((removed - anchor) > 0).sum())
-    k = max(1, int(top_fraction * n_pos)) if n_pos else 0
+    k = max(1, int(perception_token_count(torch.tensor(n_pos), top_fraction))) if n_pos else 0
     result = PerceptionInspection(
         prompt_text=prompt_text,
         completion_text=completion_text,
