@@ -7,6 +7,7 @@ A thin open-r1 style script: the recipe YAML (or CLI flags, which override it) f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -70,6 +71,18 @@ class CPPOScriptArguments(ScriptArguments):
     min_pixels: int | None = field(default=None, metadata={"help": "Qwen processor min_pixels (None: processor's)."})
     max_pixels: int | None = field(default=None, metadata={"help": "Qwen processor max_pixels (None: processor's)."})
 
+    # Evaluation during training (issue 9): a held-out set other than the training data's own test split
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset evaluated when eval_strategy is not 'no', routed like dataset_name (e.g. "
+            "'hiyouga/geometry3k' for a ViRL39K run, which has no test split). None: dataset_name."
+        },
+    )
+    eval_dataset_split: str | None = field(
+        default=None, metadata={"help": "Split of the eval dataset. None: dataset_test_split."}
+    )
+
 
 def resolve_model_path(model_name_or_path: str, family: str) -> str:
     """`tiny` / `tiny:<family>` → a tiny random VLM built (once, cached) on disk; anything else is returned as is."""
@@ -95,6 +108,15 @@ def load_split(script_args: CPPOScriptArguments, split: str, seed: int) -> datas
     if name == GEOMETRY3K_NAME or "geometry3k" in name.lower():
         return data.load_geometry3k(name, split=split, **suffix)
     return data.load_local(name, **suffix)
+
+
+def load_eval_split(script_args: CPPOScriptArguments, seed: int) -> datasets.Dataset:
+    """The held-out set evaluated during training: `eval_dataset_name` / `eval_dataset_split` when set, else the
+    training dataset's `dataset_test_split`."""
+    eval_args = dataclasses.replace(
+        script_args, dataset_name=script_args.eval_dataset_name or script_args.dataset_name
+    )
+    return load_split(eval_args, script_args.eval_dataset_split or script_args.dataset_test_split, seed)
 
 
 def main(
@@ -139,7 +161,7 @@ def main(
     train_dataset = load_split(script_args, script_args.dataset_train_split, training_args.seed)
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        eval_dataset = load_split(script_args, script_args.dataset_test_split, training_args.seed)
+        eval_dataset = load_eval_split(script_args, training_args.seed)
 
     # ---- Processor: left padding, as generation appends on the right; Qwen pixel limits when given
     model_path = resolve_model_path(model_args.model_name_or_path, script_args.tiny_model_family)
