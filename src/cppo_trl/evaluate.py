@@ -163,11 +163,12 @@ def resolve_settings(args: EvalArguments) -> Settings:
         # Relies on transformers 5: building the TrainingArguments (GRPOConfig reads the world size) initialises
         # accelerate's PartialState singleton with `use_cpu`; parsing with the evaluation's own `use_cpu` makes that
         # state the one the evaluation then runs on (a recipe's `use_cpu: true` must not move a GPU evaluation).
+        # Mixed precision is a training setting; switched off so that a GPU recipe also parses on a CPU machine.
         with tempfile.TemporaryDirectory() as scratch:
             script_args, training_args, _ = make_parser().parse_args_and_config(
                 args=[
                     *("--config", str(recipe), "--output_dir", scratch, "--report_to", "none"),
-                    *("--use_cpu", str(args.use_cpu).lower()),
+                    *("--use_cpu", str(args.use_cpu).lower(), "--bf16", "false", "--fp16", "false"),
                 ]
             )
         params, data_seed = training_args.perturbation_params, training_args.seed
@@ -384,9 +385,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | str:
     (args,) = make_parser().parse_args_and_config(args=argv)
     results = run_evaluation(args)
     out = Path(args.output_dir)
-    if (out / RESULTS_MD).exists():
+    if results and (out / RESULTS_MD).exists():  # the main process prints (the others return no results)
         print((out / RESULTS_MD).read_text(encoding="utf-8"))
-    if (out / AUDIT_MD).exists():
+    if results and (out / AUDIT_MD).exists():
         print((out / AUDIT_MD).read_text(encoding="utf-8"))
     return results
 
