@@ -8,8 +8,8 @@ same SFT warm-up checkpoint (`cppo_trl.demo.sft_warmup`), with the same steps an
 - `cppo`: the recipe as is (paper preset, CPL on advantage-gated rollouts);
 - `cpl_no_gating`: `--advantage_gating false` (CPL on every rollout, the gating ablation).
 
-Held-out accuracy is accuracy@8 at temperature 1.0 (`cppo_trl.demo.evaluate_accuracy`) on the recipe's test split, identical
-for every arm and seed. Writes `compare.json`, `compare.md` (table) and `compare.png` (reward curves, mean with the
+Held-out accuracy is accuracy@8 at temperature 1.0 on the recipe's test split, identical for every arm and seed, measured
+by `cppo-eval`'s evaluator (`cppo_trl.evaluate.evaluate_model`, each run's predictions kept in `<run>/eval`). Writes `compare.json`, `compare.md` (table) and `compare.png` (reward curves, mean with the
 min-max band over seeds). A tiny model on a toy task: read the spread before reading the means.
 """
 
@@ -24,13 +24,14 @@ from pathlib import Path
 
 from cppo_trl.demo import (
     DEMO_RECIPE,
-    evaluate_accuracy,
     held_out_split,
     metric_series,
     parse_recipe,
+    per_task_accuracy,
     run_recipe,
     sft_warmup,
 )
+from cppo_trl.evaluate import evaluate_model
 
 
 logger = logging.getLogger("compare")
@@ -52,7 +53,7 @@ def run_arm(name: str, seed: int, sft_dir: Path, out: Path, recipe: str, steps: 
     started = time.perf_counter()
     log_history = run_recipe(recipe, run_dir, sft_dir, overrides)
     seconds = time.perf_counter() - started
-    evaluation = evaluate_accuracy(run_dir, held_out)
+    evaluation = held_out_accuracy(run_dir, held_out, run_dir / "eval")
     result = {
         "arm": name,
         "seed": seed,
@@ -66,6 +67,26 @@ def run_arm(name: str, seed: int, sft_dir: Path, out: Path, recipe: str, steps: 
     }
     result_file.write_text(json.dumps(result))
     return result
+
+
+def held_out_accuracy(model_dir: Path, held_out, output_dir: Path) -> dict:
+    """accuracy@8 at T = 1 (the paper's protocol, 8 new tokens: the synthetic answers are short), per task too."""
+    results = evaluate_model(
+        model_dir,
+        {"held_out": held_out},
+        output_dir=output_dir,
+        overwrite_output_dir=True,  # a retrained SFT start has a new fingerprint: re-evaluate it
+        num_samples=8,
+        max_new_tokens=8,
+        batch_size=16,
+        seed=0,
+    )
+    tasks = held_out["task"] if "task" in held_out.column_names else ["all"] * len(held_out)
+    return {
+        "accuracy": results["average"],
+        "per_task": per_task_accuracy(results["predictions"], tasks),
+        "n": len(held_out),
+    }
 
 
 def _mean(values):
@@ -161,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         tasks=script_args.synthetic_tasks,
         max_steps=args.sft_steps,
     )
-    baseline = evaluate_accuracy(sft_dir, held_out)
+    baseline = held_out_accuracy(sft_dir, held_out, out / "sft" / "eval")
     logger.info("SFT start: held-out accuracy %.3f", baseline["accuracy"])
 
     results = []
