@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test quality style demo bench compare gpu-wheels gpu-check clean
+.PHONY: install test quality style demo eval-demo bench compare gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ style: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m cppo_trl.demo --out outputs/demo
+
+eval-demo: $(STAMP)  # after `make demo`: cppo-eval on the demo's model, with the perturbation audit
+	HF_HUB_OFFLINE=1 $(BIN)/cppo-eval --config recipes/eval/eval_tiny_cpu.yaml
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py --sizes tiny,small --prompts 2 --steps 3 --out outputs/bench

@@ -8,8 +8,10 @@ uniformly, so ~3/4 of its questions are *prior-conflicting* (the shape's trainin
 Every arm trains through `cppo_trl.cppo.main` on one method-neutral recipe (`recipes/tiny/compare/config_prior_cpu.yaml`)
 from the same SFT warm-up checkpoint (`cppo_trl.demo.sft_warmup`, trained on the train distribution, prior included),
 with the same steps, batch, seeds and learning rate; arms differ by the switches in `ARMS`. Each run is evaluated
-with `evaluate_held_out`: accuracy@8 at temperature 1.0, overall and on the prior-conflicting and prior-aligned rows.
-Writes `compare.json` (`"complete": false` until every run is in), `compare.md` (table) and `compare.png`.
+with `evaluate_held_out`: accuracy@8 at temperature 1.0 by `cppo-eval`'s evaluator (`cppo_trl.evaluate.evaluate_model`,
+predictions kept in `<run>/eval`), overall and on the prior-conflicting and prior-aligned rows. A finished run is not
+retrained; `--reevaluate` evaluates every finished run again (after an evaluator change). Writes `compare.json`
+(`"complete": false` until every run is in), `compare.md` (table) and `compare.png`.
 A 0.3M-parameter model on a toy task: read the spread before reading the means.
 """
 
@@ -19,10 +21,10 @@ import argparse
 import json
 import logging
 import statistics
-import time
 from pathlib import Path
 
-from cppo_trl.demo import evaluate_accuracy, held_out_split, metric_series, parse_recipe, run_recipe, sft_warmup
+from cppo_trl.demo import held_out_split, metric_series, parse_recipe, run_recipe, sft_warmup
+from cppo_trl.evaluate import evaluate_model
 
 
 logger = logging.getLogger("compare")
@@ -40,42 +42,54 @@ ARMS: dict[str, list[str]] = {
 METHOD_METRICS = {"grpo": None, "papo": "papo/kl_prc", "cppo": "cppo/cpl_loss"}
 
 
-def evaluate_held_out(model_dir: Path, held_out) -> dict:
-    """The comparison's one evaluation call: accuracy@8 at T = 1 (`cppo_trl.demo.evaluate_accuracy`) on the
-    prior-conflicting and the prior-aligned held-out rows, and overall. Swap the body for the evaluation module when
-    it lands; the rest of the comparison only reads these keys."""
+def evaluate_held_out(model_dir: Path, held_out, output_dir: Path) -> dict:
+    """The comparison's one evaluation call: accuracy@8 at T = 1 through `cppo-eval`'s evaluator, overall and on the
+    prior-conflicting and prior-aligned held-out rows (mean over rows of each row's mean score over its 8 samples)."""
+    results = evaluate_model(
+        model_dir,
+        {"held_out": held_out},
+        output_dir=output_dir,
+        overwrite_output_dir=True,  # a re-evaluation after an evaluator change replaces the old predictions
+        num_samples=8,
+        max_new_tokens=8,  # the synthetic answers are short: \boxed{colour} and end of turn
+        batch_size=16,
+        seed=0,
+    )
+    scores = [sum(record["scores"]) / len(record["scores"]) for record in results["predictions"]]
+    if len(scores) != len(held_out):
+        raise RuntimeError(f"the evaluator scored {len(scores)} of {len(held_out)} held-out rows; cannot split them")
     flags = held_out["prior_conflict"]
-    parts = {}
-    for name, wanted in (("conflict", True), ("aligned", False)):
-        rows = held_out.select([i for i, flag in enumerate(flags) if flag == wanted])
-        parts[name] = evaluate_accuracy(model_dir, rows) if len(rows) else {"accuracy": float("nan"), "n": 0}
-    n = parts["conflict"]["n"] + parts["aligned"]["n"]
-    overall = sum(p["accuracy"] * p["n"] for p in parts.values() if p["n"]) / n
+    conflict = [score for score, flag in zip(scores, flags, strict=True) if flag]
+    aligned = [score for score, flag in zip(scores, flags, strict=True) if not flag]
     return {
-        "accuracy": overall,
-        "conflict_accuracy": parts["conflict"]["accuracy"],
-        "aligned_accuracy": parts["aligned"]["accuracy"],
-        "n": n,
-        "n_conflict": parts["conflict"]["n"],
+        "accuracy": _mean(scores),
+        "conflict_accuracy": _mean(conflict),
+        "aligned_accuracy": _mean(aligned),
+        "std_over_draws": results["benchmarks"]["held_out"]["std"],
+        "n": len(scores),
+        "n_conflict": len(conflict),
     }
 
 
-def run_arm(name: str, seed: int, sft_dir: Path, out: Path, recipe: Path, overrides: list[str], held_out) -> dict:
-    """One training run of one arm and seed, then its held-out evaluation; cached in `<run>/result.json`."""
+def run_arm(
+    name: str, seed: int, sft_dir: Path, out: Path, recipe: Path, overrides: list[str], held_out, reevaluate: bool
+) -> dict:
+    """One training run of one arm and seed (skipped when the run already finished), then its held-out evaluation;
+    the result is cached in `<run>/result.json` (recomputed from the finished run with `reevaluate`)."""
     run_dir = out / "runs" / f"{name}-seed{seed}"
-    result_file = run_dir / "result.json"
-    if result_file.exists():
+    result_file, state_file = run_dir / "result.json", run_dir / "trainer_state.json"
+    if result_file.exists() and not reevaluate:
         return json.loads(result_file.read_text())
-    started = time.perf_counter()
-    log_history = run_recipe(recipe, run_dir, sft_dir, [*ARMS[name], "--seed", str(seed), *overrides])
-    seconds = time.perf_counter() - started
-    evaluation = evaluate_held_out(run_dir, held_out)
+    if not state_file.exists():  # `cppo.main` writes the trainer state when training has finished
+        run_recipe(recipe, run_dir, sft_dir, [*ARMS[name], "--seed", str(seed), *overrides])
+    log_history = json.loads(state_file.read_text())["log_history"]
+    evaluation = evaluate_held_out(run_dir, held_out, run_dir / "eval")
     steps, rewards = metric_series(log_history, "reward")
     metric = METHOD_METRICS[name]
     result = {
         "arm": name,
         "seed": seed,
-        "train_seconds": round(seconds, 1),
+        "train_seconds": next(e["train_runtime"] for e in log_history if "train_runtime" in e),
         "step_seconds": _mean(metric_series(log_history, "step_time")[1]),
         **evaluation,
         "reward_steps": steps,
@@ -203,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--quick", action="store_true", help="2 RL steps, 4 SFT steps, 8 held-out rows: plumbing only."
     )
     parser.add_argument(
+        "--reevaluate", action="store_true", help="Evaluate finished runs (and the SFT start) again, without training."
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -239,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         num_samples=64 if args.quick else 1024,
         max_steps=4 if args.quick else args.sft_steps,
     )
-    sft = evaluate_held_out(sft_dir, held_out)
+    sft = evaluate_held_out(sft_dir, held_out, out / "sft_eval")
     logger.info(
         "SFT start: held-out accuracy %.3f (prior-conflicting %.3f)", sft["accuracy"], sft["conflict_accuracy"]
     )
@@ -250,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     planned = len(seeds) * len(arms)
     for seed in seeds:  # seed-major: an interrupted run still has every arm for the first seeds
         for arm in arms:
-            result = run_arm(arm, seed, sft_dir, out, Path(args.recipe), overrides, held_out)
+            result = run_arm(arm, seed, sft_dir, out, Path(args.recipe), overrides, held_out, args.reevaluate)
             logger.info(
                 "%s seed %d: accuracy %.3f, prior-conflicting %.3f (%.0f s)",
                 arm,

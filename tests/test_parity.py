@@ -88,6 +88,13 @@ def test_released_recipe_is_the_authors_run(size):
     assert script_args.min_image_side == 28 and script_args.prompt_layout == "released"
     assert script_args.reward_funcs == ["cppo_released"] and args.reward_weights is None
     assert args.bf16 and args.gradient_checkpointing
+    # Validation on Geometry3K test every `test_freq` generation batches (31 for 3B, 10 for 7B), like the launch script.
+    assert (script_args.eval_dataset_name, script_args.eval_dataset_split) == ("hiyouga/geometry3k", "test")
+    test_freq = {"3B": 31, "7B": 10}[size]
+    assert args.eval_strategy == "steps" and args.eval_steps == test_freq * args.steps_per_generation // (
+        args.gradient_accumulation_steps
+    )
+    assert args.save_steps == args.eval_steps  # verl save_freq = test_freq in both scripts
 
 
 @pytest.mark.parametrize("size", ["3B", "7B"])

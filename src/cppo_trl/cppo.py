@@ -8,6 +8,7 @@ paper table needs is a recipe, not code. GRPO is either method with its weight a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -120,6 +121,18 @@ class CPPOScriptArguments(ScriptArguments):
         },
     )
 
+    # Evaluation during training (issue 9): a held-out set other than the training data's own test split
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset evaluated when eval_strategy is not 'no', routed like dataset_name (e.g. "
+            "'hiyouga/geometry3k' for a ViRL39K run, which has no test split). None: dataset_name."
+        },
+    )
+    eval_dataset_split: str | None = field(
+        default=None, metadata={"help": "Split of the eval dataset. None: dataset_test_split."}
+    )
+
     def __post_init__(self):
         if hasattr(super(), "__post_init__"):
             super().__post_init__()
@@ -209,6 +222,15 @@ def resolve_attn_implementation(requested: str | None) -> str | None:
     return requested
 
 
+def load_eval_split(script_args: CPPOScriptArguments, seed: int) -> datasets.Dataset:
+    """The held-out set evaluated during training: `eval_dataset_name` / `eval_dataset_split` when set, else the
+    training dataset's `dataset_test_split`."""
+    eval_args = dataclasses.replace(
+        script_args, dataset_name=script_args.eval_dataset_name or script_args.dataset_name
+    )
+    return load_split(eval_args, script_args.eval_dataset_split or script_args.dataset_test_split, seed)
+
+
 def main(
     script_args: CPPOScriptArguments,
     training_args: CPPOConfig | PAPOConfig,
@@ -268,19 +290,16 @@ def main(
         **processor_kwargs,
     )
 
-    # ---- Dataset: loader options, then the processed prompt-length filter
-    splits = {script_args.dataset_train_split: None}
+    # ---- Dataset: loader options, then the processed prompt-length filter (on the eval set too, as verl does)
+    splits = {"train": load_split(script_args, script_args.dataset_train_split, training_args.seed)}
     if training_args.eval_strategy != "no":
-        splits[script_args.dataset_test_split] = None
-    for split in splits:
-        dataset = load_split(script_args, split, training_args.seed)
+        splits["eval"] = load_eval_split(script_args, training_args.seed)
+    for role, dataset in splits.items():
         if len(dataset) == 0:
-            raise ValueError(f"split {split!r} of {script_args.dataset_name!r} has no row left after loading")
+            raise ValueError(f"the {role} dataset has no row left after loading")
         if script_args.max_prompt_tokens is not None:
-            dataset = filter_long_prompts(dataset, processor, script_args, training_args, split)
-        splits[split] = dataset
-    train_dataset = splits[script_args.dataset_train_split]
-    eval_dataset = splits.get(script_args.dataset_test_split) if training_args.eval_strategy != "no" else None
+            splits[role] = filter_long_prompts(dataset, processor, script_args, training_args, role)
+    train_dataset, eval_dataset = splits["train"], splits.get("eval")
 
     # ---- Model: loaded by the trainer from the path with these kwargs (it reloads the reference model the same way)
     training_args.model_init_kwargs = {

@@ -13,7 +13,8 @@
 4. evaluates held-out accuracy@8 (temperature 1.0, the paper's protocol) before and after, and writes curves, a perception-token page, a perturbation
    sheet and `summary.json` into `--out`.
 
-`benchmarks/compare.py` reuses `sft_warmup`, `evaluate_accuracy` and `run_recipe` for the GRPO vs PAPO vs CPPO comparison.
+`benchmarks/compare.py` reuses `sft_warmup` and `run_recipe` for the GRPO vs PAPO vs CPPO comparison; both evaluate
+with `cppo_trl.evaluate.evaluate_model` (the `cppo-eval` code path).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
 from tqdm.auto import tqdm
 
 
@@ -151,21 +151,6 @@ def sft_warmup(
 
 
 # ------------------------------------------------------------------------------------------------------ eval
-def _chat_messages(prompt: list[dict]) -> list[dict]:
-    """Dataset prompts store `text: None` on image parts (Arrow schema); the chat template wants them absent."""
-    return [
-        {
-            "role": message["role"],
-            "content": [
-                {"type": "image"} if part["type"] == "image" else {"type": "text", "text": part["text"]}
-                for part in message["content"]
-            ],
-        }
-        for message in prompt
-    ]
-
-
-@torch.no_grad()
 def evaluate_accuracy(
     model_path: str | Path,
     dataset: datasets.Dataset,
@@ -174,54 +159,41 @@ def evaluate_accuracy(
     samples_per_prompt: int = 8,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Held-out accuracy@k as the paper measures it (k samples per prompt at temperature 1.0, averaged), with the
-    `accuracy` reward (last `\\boxed{}` equals the solution), overall and per task, plus a few decoded samples so
-    the summary shows what the policy actually writes. Sampling, unlike greedy decoding, sees the policy's whole
-    answer distribution move, which is what a few dozen RL steps change first."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """Held-out accuracy@k as the paper measures it (k samples per prompt at temperature 1.0, averaged), through
+    `cppo-eval`'s evaluator (`cppo_trl.evaluate.evaluate_model`): overall, per task, and a few decoded samples so the
+    summary shows what the policy actually writes. Sampling, unlike greedy decoding, sees the policy's whole answer
+    distribution move, which is what a few dozen RL steps change first."""
+    from cppo_trl.evaluate import evaluate_model
 
-    from cppo_trl.rewards import accuracy_reward
-
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(model_path, padding_side="left")
-    completions: list[str] = []
-    scores: list[float] = []
-    for start in range(0, len(dataset), batch_size):
-        batch = dataset[start : start + batch_size]
-        texts = [
-            processor.apply_chat_template(_chat_messages(p), add_generation_prompt=True, tokenize=False)
-            for p in batch["prompt"]
-        ]
-        images = [[image.convert("RGB") for image in row] for row in batch["images"]]
-        encoded = processor(text=texts, images=images, return_tensors="pt", padding=True)
-        torch.manual_seed(seed + start)
-        out = model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            num_return_sequences=samples_per_prompt,
-        )
-        new = out[:, encoded["input_ids"].size(1) :]
-        decoded = processor.batch_decode(new, skip_special_tokens=True)
-        completions += decoded[::samples_per_prompt]
-        solutions = [s for s in batch["solution"] for _ in range(samples_per_prompt)]
-        hits = accuracy_reward(decoded, solutions)
-        scores += [
-            sum(hits[i : i + samples_per_prompt]) / samples_per_prompt for i in range(0, len(hits), samples_per_prompt)
-        ]
+    results = evaluate_model(
+        model_path,
+        {"held_out": dataset},
+        num_samples=samples_per_prompt,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    records = results["predictions"]
     tasks = dataset["task"] if "task" in dataset.column_names else ["all"] * len(dataset)
-    per_task = {}
-    for task in sorted(set(tasks)):
-        hits = [s for s, t in zip(scores, tasks, strict=True) if t == task]
-        per_task[task] = sum(hits) / len(hits)
     samples = [
-        {"task": t, "solution": s, "completion": c}
-        for t, s, c in list(zip(tasks, dataset["solution"], completions, strict=True))[:8]
+        {"task": task, "solution": record["solution"], "completion": record["completions"][0]}
+        for task, record in list(zip(tasks, records, strict=True))[:8]
     ]
-    return {"accuracy": sum(scores) / max(len(scores), 1), "per_task": per_task, "n": len(scores), "samples": samples}
+    return {
+        "accuracy": results["average"],
+        "std_over_draws": results["benchmarks"]["held_out"]["std"],
+        "per_task": per_task_accuracy(records, tasks),
+        "n": len(records),
+        "samples": samples,
+    }
+
+
+def per_task_accuracy(records: Sequence[dict], tasks: Sequence[str]) -> dict[str, float]:
+    """Mean per-sample score (accuracy@k) of each synthetic task."""
+    per_task: dict[str, list[float]] = {}
+    for record, task in zip(records, tasks, strict=True):
+        per_task.setdefault(task, []).append(sum(record["scores"]) / len(record["scores"]))
+    return {task: sum(values) / len(values) for task, values in sorted(per_task.items())}
 
 
 # ------------------------------------------------------------------------------------------------------ RL

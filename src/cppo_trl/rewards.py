@@ -8,6 +8,7 @@ TRL logs each reward under the function's `__name__`, so every registered functi
 (`rewards/accuracy/mean`, `rewards/cppo_released/mean`, ...).
 """
 
+import functools
 import logging
 import re
 import signal
@@ -48,6 +49,8 @@ _UNIT = re.compile(
 )
 _CHOICE = re.compile(r"^(?:\(([a-z])\)|([a-z])[.:)])(?:\s.*)?$|^([a-z])$", re.DOTALL)
 _WORD = re.compile(r"[A-Za-z0-9]+")
+_PLAIN_WORDS = re.compile(r"^[A-Za-z]+(?: [A-Za-z]+)*$")
+_LETTER_SET = re.compile(r"^\(?[a-z]\)?(?:\s*(?:,|and|&)\s*\(?[a-z]\)?)+$")
 _NUMBER_WORDS = {
     word: str(value)
     for value, word in enumerate(
@@ -105,6 +108,7 @@ def normalize_answer(answer: str) -> str:
     return _NUMBER_WORDS.get(text, text)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure in its strings; sympy takes ~10-60 ms a call, and answers repeat a lot
 def _math_equal(prediction: str, gold: str) -> bool:
     """Symbolic equivalence via math_verify; any parser failure or timeout counts as "not equal"."""
     timeout = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
@@ -122,10 +126,52 @@ def _math_equal(prediction: str, gold: str) -> bool:
 
 
 def answers_match(prediction: str, gold: str) -> bool:
-    """True when `prediction` equals `gold` after normalisation or is mathematically equivalent to it."""
+    """True when `prediction` equals `gold` after normalisation or is mathematically equivalent to it.
+
+    Two plain words never go to math_verify: sympy reads them as products of symbols ('sey' == 'yes').
+    """
     if not prediction.strip() or not gold.strip():
         return False
-    return normalize_answer(prediction) == normalize_answer(gold) or _math_equal(prediction, gold)
+    if normalize_answer(prediction) == normalize_answer(gold):
+        return True
+    if _PLAIN_WORDS.match(prediction.strip()) and _PLAIN_WORDS.match(gold.strip()):
+        return False
+    return _math_equal(prediction, gold)
+
+
+def _choice_letters(answer: str) -> frozenset[str] | None:
+    """The option letter(s) an answer names: `B`, `(B)`, `B. text` -> {b}; `A, C` / `A and C` -> {a, c}; else None."""
+    normalized = normalize_answer(answer)
+    if len(normalized) == 1 and "a" <= normalized <= "z":
+        return frozenset(normalized)
+    text = answer.strip().replace("$", "").lower()
+    if _LETTER_SET.match(text):
+        return frozenset(re.findall(r"[a-z]", re.sub(r"\band\b", ",", text)))
+    return None
+
+
+def choice_matches(prediction: str, gold: str, options: Sequence[str]) -> bool:
+    """Multiple-choice check: the prediction names the gold option by its letter(s), or gives the gold option's text.
+
+    `gold` is the gold letter(s) (`B`, `A, C`) or the gold option's text (MathVista stores the text); `options` are
+    the option texts in letter order (`options[0]` is A), empty when the options exist only in the image. A prediction
+    that names a letter is judged by its letter alone (`\\boxed{A. 145°}` is A, whatever the text says).
+    """
+    if not prediction.strip() or not gold.strip():
+        return False
+    gold_letters = _choice_letters(gold)
+    if gold_letters is None:  # the gold is an option's text: find its letter
+        index = next((i for i, text in enumerate(options) if answers_match(str(text), gold)), None)
+        if index is None:
+            return answers_match(prediction, gold)
+        gold_letters = frozenset(chr(ord("a") + index))
+    predicted_letters = _choice_letters(prediction)
+    if predicted_letters is not None:
+        return predicted_letters == gold_letters
+    if len(gold_letters) == 1:
+        index = ord(next(iter(gold_letters))) - ord("a")
+        return index < len(options) and answers_match(prediction, str(options[index]))
+    return False
 
 
 def _gold_answer(solution: Any) -> str:
@@ -135,9 +181,12 @@ def _gold_answer(solution: Any) -> str:
     return text if boxed is None else boxed
 
 
-def _accuracy(text: str, solution: Any) -> float:
+def _accuracy(text: str, solution: Any, options: Sequence[str] | None = None) -> float:
     prediction = extract_boxed(text)
-    return float(prediction is not None and answers_match(prediction, _gold_answer(solution)))
+    if prediction is None:
+        return 0.0
+    gold = _gold_answer(solution)
+    return float(answers_match(prediction, gold) if options is None else choice_matches(prediction, gold, options))
 
 
 def _format(text: str) -> float:
@@ -165,9 +214,16 @@ def _named(name: str) -> Callable[[RewardFunc], RewardFunc]:
 
 
 @_named("accuracy")
-def accuracy_reward(completions: Sequence, solution: Sequence, **kwargs) -> list[float | None]:
-    """1.0 when the last `\\boxed{}` answer matches the solution (normalised string or math_verify), else 0.0."""
-    return [_accuracy(completion_text(c), s) for c, s in zip(completions, solution, strict=True)]
+def accuracy_reward(
+    completions: Sequence, solution: Sequence, options: Sequence | None = None, **kwargs
+) -> list[float | None]:
+    """1.0 when the last `\\boxed{}` answer matches the solution (normalised string or math_verify), else 0.0.
+
+    An optional `options` column makes a row multiple-choice (`choice_matches`: the letter or the option text count);
+    rows whose `options` is None are free-form.
+    """
+    options = [None] * len(completions) if options is None else options
+    return [_accuracy(completion_text(c), s, o) for c, s, o in zip(completions, solution, options, strict=True)]
 
 
 @_named("format")
