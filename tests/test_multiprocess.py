@@ -53,3 +53,6 @@ def test_two_processes_reduce_metrics_and_share_views(tmp_path):
     assert all(h["papo/masked_view_rows"] == 2 and h["papo/nonfinite_masked_tokens"] == 0 for h in papo0["logs"])
     assert all(h["papo/kl_prc"] >= 0 and 0 < h["papo/masked_fraction"] < 1 for h in papo0["logs"])
     assert len(papo0["mask_hashes"]) == 2 and papo1["mask_hashes"] == {}
+    # TRL 1.16 alone deadlocks here (only the image rank gathers its images for logging); the rails gather on both
+    # ranks instead, so the completions table stays aligned: rank 0's two rollouts with their image, rank 1's without.
+    assert papo0["logged"] == {"images": [1, 1, 0, 0], "prompts": 4}

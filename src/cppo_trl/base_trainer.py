@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import gather_object, is_peft_model
 from safetensors import safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl import GRPOTrainer
 
 from .images import PixelBudget
 from .perception import aggregate_like_policy_loss
-from .views import SampleViews, view_forward_kwargs, with_prepared_images
+from .views import SampleViews, row_images, view_forward_kwargs, with_prepared_images
 
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ class PerceptionGRPOTrainer(GRPOTrainer):
        so the original-image pass is never recomputed; `_view_forward` runs the same forward with a view's tensors.
     4. `_aggregate_like_policy_loss` normalises a per-token term exactly like TRL normalises the policy loss for the
        configured `loss_type`, scaled for gradient accumulation the same way.
-    5. Fixes: a text-only prompt in a multimodal batch no longer crashes the processor; a completion containing an
-       image placeholder token is cut before it; vLLM's prompt ids are checked against the processor's; resuming a
-       transformers-5 VLM checkpoint reloads every weight.
+    5. Fixes: a text-only prompt in a multimodal batch no longer crashes the processor; a text-only rank no longer
+       deadlocks the others in TRL's image logging; a completion containing an image placeholder token is cut before
+       it; vLLM's prompt ids are checked against the processor's; resuming a transformers-5 VLM checkpoint reloads
+       every weight.
 
     Subclasses set `_metric_prefix` and override `_attach_views` and `_compute_loss` (calling `super()`).
     """
@@ -79,10 +80,31 @@ class PerceptionGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         raw_inputs = inputs
         inputs = [with_prepared_images(row, self._pixel_budget) for row in inputs]
-        output = super()._generate_and_score_completions(inputs)
+        log_images_here = self._ranks_disagree_on_images(inputs)
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self.log_multimodal = self.args.log_multimodal
+        if log_images_here:
+            self._logs["images"].extend(gather_object([row_images(row) or [] for row in inputs]))
         if output.get("num_images") is not None:
             self._attach_views(inputs, raw_inputs, output)
         return output
+
+    def _ranks_disagree_on_images(self, inputs: list[dict]) -> bool:
+        """TRL 1.16 gathers the batch's images for logging (`log_multimodal`) only on ranks whose batch has an image:
+        with one text-only rank the others wait in `gather_object` forever. One all-reduce per generation batch finds
+        out; when the ranks disagree, TRL's gather is switched off for this batch and every rank gathers here instead
+        (a text-only rank sends empty lists), which keeps the completions table aligned."""
+        if self.accelerator.num_processes == 1 or not self.args.log_multimodal:
+            return False
+        # TRL's rule: images are None without an `images`/`image` column or when every row's image list is empty.
+        key = "images" if "images" in inputs[0] else "image" if "image" in inputs[0] else None
+        has_images = key is not None and not all(row.get(key) == [] for row in inputs)
+        flags = torch.tensor(float(has_images), device=self.accelerator.device)
+        disagree = self.accelerator.reduce(flags, reduction="sum").item() not in (0, self.accelerator.num_processes)
+        self.log_multimodal = not disagree
+        return disagree
 
     def _attach_views(self, inputs: list[dict], raw_inputs: list[dict], output: dict) -> None:
         """Store per-sample views in `output` (rows scored by TRL, the same rows before image preparation)."""

@@ -52,9 +52,7 @@ def train_papo(model_dir: str, output_dir: str) -> dict:
         per_device_train_batch_size=2,
         num_generations=2,  # two prompts per step, one per rank
         shuffle_dataset=False,
-        # TRL 1.16 gathers the batch's images for logging only on ranks that have images: a text-only rank would
-        # leave the other waiting forever (a TRL bug, reported; unrelated to PAPO).
-        log_multimodal=False,
+        log_multimodal=True,  # TRL 1.16 alone deadlocks here (a text-only rank skips its image gather); the rails fix it
         max_completion_length=8,
         max_steps=2,
         beta=0.0,
@@ -73,7 +71,8 @@ def train_papo(model_dir: str, output_dir: str) -> dict:
     hashes: dict[str, list[str]] = {}
     trainer._make_masked_images = _hashing(trainer._make_masked_images, trainer, hashes)
     trainer.train()
-    return {"logs": _logs(trainer, "papo/"), "mask_hashes": hashes}
+    logged = {"images": [len(images) for images in trainer._logs["images"]], "prompts": len(trainer._logs["prompt"])}
+    return {"logs": _logs(trainer, "papo/"), "mask_hashes": hashes, "logged": logged}
 
 
 def main(model_dir: str, output_dir: str) -> None:
