@@ -10,6 +10,7 @@ occlusion -30 to -63 points, in ~10 s of SFT. The assertions keep wide margins u
 """
 
 import json
+import sys
 
 import pytest
 import torch
@@ -156,6 +157,10 @@ def test_compare_runs(audited, tmp_path, capsys):
     original = json.loads((audited / "results.json").read_text())
     assert f"{100 * original['average']:.1f}" in rows[1]
     assert "compare.md" in capsys.readouterr().out
+    # As the `cppo-eval` console script runs it (`sys.exit(cli())`): a finished command exits 0.
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(evaluate.cli(["compare", str(audited), "--output_dir", str(tmp_path / "again")]))
+    assert exit_info.value.code is None
 
 
 def test_compare_shows_the_papers_rows_as_reference(audited, tmp_path):

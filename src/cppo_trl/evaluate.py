@@ -392,5 +392,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | str:
     return results
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The console script: runs `main` and exits 0 (a console wrapper would `sys.exit` `main`'s results dict,
+    which prints it and exits 1)."""
+    main(argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
