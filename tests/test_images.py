@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from cppo_trl.images import PixelBudget, prepare_image, to_rgb
+from cppo_trl.images import PixelBudget, load_processor, prepare_image, to_rgb
 
 
 def _noise_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
@@ -66,6 +66,26 @@ def test_budget_from_processors(tiny_vlm):
     assert PixelBudget.from_processor(AutoProcessor.from_pretrained(tiny_vlm("qwen3_vl"))).factor == 32
     for family in ("gemma3", "llava", "idefics3"):  # fixed-size resize: no budget to agree on
         assert PixelBudget.from_processor(AutoProcessor.from_pretrained(tiny_vlm(family))) is None
+
+
+def test_load_processor_applies_and_checks_the_limits(tiny_vlm, monkeypatch, caplog):
+    processor = load_processor(str(tiny_vlm("qwen2_5_vl")), min_pixels=3136, max_pixels=1003520)
+    assert PixelBudget.from_processor(processor) == PixelBudget(factor=28, min_pixels=3136, max_pixels=1003520)
+    assert processor.tokenizer.padding_side == "left"
+    with caplog.at_level(logging.WARNING, logger="cppo_trl.images"):
+        assert PixelBudget.from_processor(load_processor(str(tiny_vlm("gemma3")), max_pixels=1003520)) is None
+    assert "no effect on Gemma3ImageProcessor" in caplog.text
+
+    import transformers
+
+    original = transformers.AutoProcessor.from_pretrained
+
+    def ignoring_limits(source, min_pixels=None, max_pixels=None, **kwargs):  # a version that drops the kwargs
+        return original(source, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", ignoring_limits)
+    with pytest.raises(ValueError, match="did not take the pixel limits .*'max_pixels': 1003520"):
+        load_processor(str(tiny_vlm("qwen2_5_vl")), max_pixels=1003520)
 
 
 def test_prepare_image_without_budget_only_converts():

@@ -20,7 +20,7 @@ import transformers
 import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
-from transformers import AutoProcessor, set_seed
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_flash_attn_2_available
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
@@ -28,6 +28,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 from cppo_trl import data
 from cppo_trl.config import CPPOConfig
 from cppo_trl.data import PROMPT_LAYOUTS
+from cppo_trl.images import load_processor
 from cppo_trl.papo_config import PAPOConfig
 
 
@@ -278,16 +279,15 @@ def main(
             "resume_from_checkpoint=true but %s has no checkpoint: training from scratch", training_args.output_dir
         )
 
-    # ---- Processor (before the dataset: the prompt-length filter counts with it): left padding, as generation
-    # appends on the right; Qwen pixel limits when given
+    # ---- Processor (before the dataset: the prompt-length filter counts with it), with the recipe's pixel limits,
+    # which the trainer then applies to the images themselves (`cppo_trl.images`)
     model_path = resolve_model_path(model_args.model_name_or_path, script_args.tiny_model_family)
-    processor_kwargs = {k: getattr(script_args, k) for k in ("min_pixels", "max_pixels") if getattr(script_args, k)}
-    processor = AutoProcessor.from_pretrained(
+    processor = load_processor(
         model_path,
+        script_args.min_pixels,
+        script_args.max_pixels,
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
-        padding_side="left",
-        **processor_kwargs,
     )
 
     # ---- Dataset: loader options, then the processed prompt-length filter (on the eval set too, as verl does)

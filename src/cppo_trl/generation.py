@@ -29,6 +29,8 @@ import PIL.Image
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from cppo_trl.images import load_processor
+
 
 logger = logging.getLogger(__name__)
 
@@ -175,14 +177,6 @@ def model_fingerprint(path: str | None) -> str | None:
     return hashlib.sha256("\n".join(stats).encode()).hexdigest()[:16]
 
 
-def load_processor(source: str, min_pixels: int | None, max_pixels: int | None, trust_remote_code: bool = False):
-    """Left-padded processor with the recipe's Qwen pixel limits (what `cppo.main` builds for training)."""
-    from transformers import AutoProcessor
-
-    kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-    return AutoProcessor.from_pretrained(source, padding_side="left", trust_remote_code=trust_remote_code, **kwargs)
-
-
 def processor_source(base: str, adapter: str | None) -> str:
     """An adapter folder saved with its processor (as `cppo.main` does) wins over the base model's."""
     if adapter and any(
@@ -218,7 +212,7 @@ def merged_checkpoint(base: str, adapter: str, folder: Path, trust_remote_code: 
         return str(folder)
     model = load_model(base, adapter, torch.bfloat16, torch.device("cpu"), trust_remote_code=trust_remote_code)
     model.save_pretrained(folder)
-    load_processor(processor_source(base, adapter), None, None, trust_remote_code).save_pretrained(folder)
+    load_processor(processor_source(base, adapter), trust_remote_code=trust_remote_code).save_pretrained(folder)
     marker.write_text(json.dumps(expected))
     return str(folder)
 

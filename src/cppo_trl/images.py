@@ -113,3 +113,33 @@ def prepare_image(image: PIL.Image.Image, budget: PixelBudget | None) -> PIL.Ima
     """8-bit RGB (see `to_rgb`), then resized to the budget when there is one."""
     rgb = to_rgb(image)
     return rgb if budget is None else budget.fit(rgb)
+
+
+def load_processor(
+    source: str,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Left-padded processor (generation appends on the right) with the recipe's pixel limits, checked to have taken
+    effect: every consumer derives its `PixelBudget` from this processor, so a limit a transformers version quietly
+    ignored would silently change every prompt. Fixed-size processors have no such limit (logged, not an error)."""
+    from transformers import AutoProcessor
+
+    limits = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+    processor = AutoProcessor.from_pretrained(
+        source, revision=revision, trust_remote_code=trust_remote_code, padding_side="left", **limits
+    )
+    budget = PixelBudget.from_processor(processor)
+    if limits and budget is None:
+        logger.warning(
+            "min_pixels/max_pixels have no effect on %s: it resizes every image to a fixed size",
+            type(getattr(processor, "image_processor", processor)).__name__,
+        )
+    elif budget is not None and any(getattr(budget, name) != value for name, value in limits.items()):
+        raise ValueError(
+            f"The processor of {source} did not take the pixel limits {limits}: its budget is {budget}. This "
+            f"transformers version may expect `size={{'shortest_edge': ..., 'longest_edge': ...}}` instead."
+        )
+    return processor

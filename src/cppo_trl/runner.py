@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from cppo_trl import benchmarks as registry
 from cppo_trl import report
 from cppo_trl.generation import Prompt
+from cppo_trl.images import load_processor
 
 
 if TYPE_CHECKING:
@@ -287,8 +288,11 @@ def build_runtime(args: EvalArguments, settings: Settings, loaded: Mapping[str, 
     if args.use_cpu and device.type != "cpu":
         raise RuntimeError(f"--use_cpu: this process already set accelerate up on {device}; run in a fresh process")
     dtype_name = ("bfloat16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
-    processor = generation.load_processor(
-        generation.processor_source(base, adapter), settings.min_pixels, settings.max_pixels, args.trust_remote_code
+    processor = load_processor(
+        generation.processor_source(base, adapter),
+        settings.min_pixels,
+        settings.max_pixels,
+        trust_remote_code=args.trust_remote_code,
     )
     if args.backend == "vllm":
         if state.num_processes > 1:
