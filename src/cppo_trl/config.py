@@ -3,8 +3,7 @@
 import math
 from dataclasses import dataclass, field, fields
 
-from trl import GRPOConfig
-
+from .base_config import PerceptionGRPOConfig
 from .perception import CPL_AGGREGATIONS, CPL_DIVERGENCES, PERCEPTION_K_RULES, PERCEPTION_SCORES
 from .perturbations import PRESERVING_PERTURBATIONS, REMOVING_PERTURBATIONS, PerturbationParams
 
@@ -41,7 +40,7 @@ PERTURBATION_FIELDS = tuple(f.name for f in fields(PerturbationParams))
 
 
 @dataclass
-class CPPOConfig(GRPOConfig):
+class CPPOConfig(PerceptionGRPOConfig):
     r"""
     Configuration for [`CPPOTrainer`]: every [`~trl.GRPOConfig`] field plus those below.
 
@@ -245,22 +244,6 @@ class CPPOConfig(GRPOConfig):
     )
     gaussian_noise_std: float = field(
         default=0.05, metadata={"help": "Std of the additive Gaussian noise on the [0, 1] pixel scale."}
-    )
-
-    # GRPO defaults replaced by the paper's (Table 8); TRL's are 0.0 and 8.
-    beta: float = field(
-        default=0.01,
-        metadata={"help": "KL coefficient to the reference policy, on the original image only. Paper: 0.01."},
-    )
-    num_generations: int | None = field(
-        default=5, metadata={"help": "Rollouts per prompt (G). Paper and released: 5."}
-    )
-    per_device_train_batch_size: int = field(
-        default=10,
-        metadata={
-            "help": "Rollouts per device and micro-batch. TRL counts completions, not prompts: the default holds two "
-            "groups of G = 5 (TRL's default of 8 is not divisible by 5)."
-        },
     )
 
     def __post_init__(self):

@@ -3,13 +3,12 @@
 import math
 from dataclasses import dataclass, field
 
-from trl import GRPOConfig
-
+from .base_config import PerceptionGRPOConfig
 from .perception import POLICY_LOSS_TYPES
 
 
 @dataclass
-class PAPOConfig(GRPOConfig):
+class PAPOConfig(PerceptionGRPOConfig):
     r"""
     Configuration for [`PAPOTrainer`]: every [`~trl.GRPOConfig`] field plus those below.
 
@@ -63,20 +62,6 @@ class PAPOConfig(GRPOConfig):
     mask_patch_size: int = field(
         default=14,
         metadata={"help": "Side in pixels of a masking cell, on the raw image before resizing (authors: 14)."},
-    )
-
-    # GRPO defaults replaced by the authors' (also CPPOConfig's); TRL's are 0.0, 8 and 8.
-    beta: float = field(
-        default=0.01,
-        metadata={"help": "KL coefficient to the reference policy, on the original image only. Authors: 0.01."},
-    )
-    num_generations: int | None = field(default=5, metadata={"help": "Rollouts per prompt (G). Authors: 5."})
-    per_device_train_batch_size: int = field(
-        default=10,
-        metadata={
-            "help": "Rollouts per device and micro-batch. TRL counts completions, not prompts: the default holds two "
-            "groups of G = 5 (TRL's default of 8 is not divisible by 5)."
-        },
     )
 
     def __post_init__(self):
