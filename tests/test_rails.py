@@ -4,7 +4,7 @@ aligned with the vision-token grid, and the guard on the prompt ids vLLM generat
 import numpy as np
 import pytest
 import torch
-from conftest import generation_batch, make_trainer, textured_image
+from conftest import generation_batch, hashed_reward, make_trainer, textured_image
 from datasets import Dataset
 
 from cppo_trl.base_trainer import check_vllm_prompt_ids
@@ -119,3 +119,32 @@ def test_check_vllm_prompt_ids_names_the_first_bad_sample():
         ValueError, match=r"sample 1 .*4 tokens \(2 image placeholders\) instead of 3 \(1\).*llava_next"
     ):
         check_vllm_prompt_ids(sent, [sent[0], [1, 9, 9, 2], sent[2]], Config, frozenset({9}))
+
+
+@pytest.mark.parametrize("method", ["cppo", "papo"])
+def test_trainer_without_args_builds_its_methods_default_config(tiny_qwen, tmp_path, monkeypatch, method):
+    from cppo_trl import CPPOConfig, CPPOTrainer, PAPOConfig, PAPOTrainer
+
+    trainer_cls, config_cls, other = {
+        "cppo": (CPPOTrainer, CPPOConfig, PAPOConfig),
+        "papo": (PAPOTrainer, PAPOConfig, CPPOConfig),
+    }[method]
+
+    class OnCPU(config_cls):  # a default config asks for bf16 on this GPU-less machine; only the device differs
+        def __init__(self, output_dir, **kwargs):
+            super().__init__(output_dir=output_dir, use_cpu=True, report_to="none", **kwargs)
+
+    monkeypatch.setattr(trainer_cls, "_config_class", OnCPU)
+    monkeypatch.chdir(tmp_path)  # the default output_dir is relative
+    trainer = trainer_cls(model=str(tiny_qwen), reward_funcs=hashed_reward, train_dataset=_rows([textured_image(3)]))
+    assert type(trainer.args) is OnCPU
+    assert trainer.args.output_dir == f"{tiny_qwen.name}-{method.upper()}"
+    assert (trainer.args.beta, trainer.args.num_generations, trainer.args.per_device_train_batch_size) == (0.01, 5, 10)
+    monkeypatch.undo()
+    with pytest.raises(TypeError, match=f"{trainer_cls.__name__} needs a {config_cls.__name__}, got {other.__name__}"):
+        trainer_cls(
+            model=str(tiny_qwen),
+            reward_funcs=hashed_reward,
+            args=other(output_dir=str(tmp_path / "x"), use_cpu=True, report_to="none"),
+            train_dataset=_rows([textured_image(3)]),
+        )

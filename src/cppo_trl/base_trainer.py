@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import gather_object, is_peft_model
 from safetensors import safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
 from .images import PixelBudget
 from .perception import aggregate_like_policy_loss
@@ -61,12 +61,23 @@ class PerceptionGRPOTrainer(GRPOTrainer):
        it; vLLM's prompt ids are checked against the processor's; resuming a transformers-5 VLM checkpoint reloads
        every weight.
 
-    Subclasses set `_metric_prefix` and override `_attach_views` and `_compute_loss` (calling `super()`).
+    Subclasses set `_metric_prefix`, `_config_class` and `_name`, and override `_attach_views` and `_compute_loss`
+    (calling `super()`).
     """
 
     _metric_prefix = "perception"
+    _config_class = GRPOConfig  # the method's config; `args=None` builds a default one named after the model
+
+    def _check_args(self, args) -> None:
+        """Method-specific checks of `args` before TRL builds anything."""
 
     def __init__(self, model, reward_funcs, args=None, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = self._config_class(f"{model_name.split('/')[-1]}-{self._name}")
+        if not isinstance(args, self._config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self._config_class.__name__}, got {type(args).__name__}.")
+        self._check_args(args)
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self._anchor_capture: AnchorCapture | None = None
         self._pixel_budget = PixelBudget.from_processor(self.processing_class)

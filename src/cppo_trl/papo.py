@@ -73,6 +73,7 @@ class PAPOTrainer(PerceptionGRPOTrainer):
     _tag_names = ["trl", "grpo", "papo"]
     _name = "PAPO"
     _metric_prefix = "papo"
+    _config_class = PAPOConfig
     _paper = {
         "title": "Perception-Aware Policy Optimization for Multimodal Reasoning",
         "id": "2507.06448",
@@ -87,11 +88,6 @@ class PAPOTrainer(PerceptionGRPOTrainer):
     }
 
     def __init__(self, model, reward_funcs, args: PAPOConfig | None = None, **kwargs):
-        if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            args = PAPOConfig(f"{model_name.split('/')[-1]}-PAPO")
-        if not isinstance(args, PAPOConfig):
-            raise TypeError(f"PAPOTrainer needs a PAPOConfig, got {type(args).__name__}.")
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self._cell_counts = [0, 0]  # blackened, total: over the distinct images of the batch being masked
 

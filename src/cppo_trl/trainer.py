@@ -73,6 +73,7 @@ class CPPOTrainer(PerceptionGRPOTrainer):
     _tag_names = ["trl", "grpo", "cppo"]
     _name = "CPPO"
     _metric_prefix = "cppo"
+    _config_class = CPPOConfig
     _paper = {
         "title": "CPPO: Contrastive Perception for Vision Language Policy Optimization",
         # docstyle-ignore
@@ -83,17 +84,15 @@ class CPPOTrainer(PerceptionGRPOTrainer):
             }"""),
     }
 
-    def __init__(self, model, reward_funcs, args: CPPOConfig | None = None, **kwargs):
-        if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            args = CPPOConfig(f"{model_name.split('/')[-1]}-CPPO")
-        if not isinstance(args, CPPOConfig):
-            raise TypeError(f"CPPOTrainer needs a CPPOConfig, got {type(args).__name__}.")
+    def _check_args(self, args: CPPOConfig) -> None:
         if args.cpl_weight > 0 and args.loss_type not in POLICY_LOSS_TYPES:
             raise ValueError(
                 f"loss_type={args.loss_type!r} is not supported by CPPOTrainer; use one of {POLICY_LOSS_TYPES}."
             )
+
+    def __init__(self, model, reward_funcs, args: CPPOConfig | None = None, **kwargs):
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        args = self.args  # the default config when `args` was None
         sharded = is_deepspeed_zero3_enabled() or self.is_fsdp_enabled
         if args.cpl_weight > 0 and args.cpl_view_checkpointing and sharded:
             raise ValueError(
