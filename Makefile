@@ -26,7 +26,7 @@ style: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m cppo_trl.demo --out outputs/demo
+	HF_HUB_OFFLINE=1 $(BIN)/python -m cppo_trl.scripts.demo --out outputs/demo
 
 eval-demo: $(STAMP)  # after `make demo`: cppo-eval on the demo's model, with the perturbation audit
 	HF_HUB_OFFLINE=1 $(BIN)/cppo-eval --config recipes/eval/eval_tiny_cpu.yaml

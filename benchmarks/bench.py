@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 import statistics
 import sys
 import tempfile
@@ -43,11 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL.Image
-import PIL.ImageDraw
 import torch
 
-from cppo_trl.views import with_prepared_images
+from cppo_trl.trainer.views import with_prepared_images
 
 
 logger = logging.getLogger("cppo_bench")
@@ -102,34 +99,12 @@ def build_model(size: str, cache_dir: Path, image_size: int) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------------- data
-def _synthetic_image(rng: random.Random, size: int) -> PIL.Image.Image:
-    image = PIL.Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
-    draw = PIL.ImageDraw.Draw(image)
-    for _ in range(3):
-        x0, y0 = rng.randrange(size // 2), rng.randrange(size // 2)
-        box = (x0, y0, x0 + rng.randrange(8, size // 2), y0 + rng.randrange(8, size // 2))
-        draw.ellipse(box, fill=tuple(rng.randrange(256) for _ in range(3)))
-    return image
-
-
 def make_rows(num: int, image_size: int, seed: int) -> list[dict[str, Any]]:
-    """Conversational image prompts; uses `cppo_trl.data` when it exists, else simple random shapes."""
-    try:
-        from cppo_trl.data import make_synthetic_perception_dataset
+    """Conversational image prompts of the synthetic perception task."""
+    from cppo_trl.data.synthetic import make_synthetic_perception_dataset
 
-        dataset = make_synthetic_perception_dataset(num, seed=seed, image_size=image_size)
-        return [dict(dataset[i]) for i in range(num)]
-    except Exception as exc:  # noqa: BLE001 - data.py may be absent or in flux; the bench only needs image prompts
-        logger.debug("synthetic dataset unavailable (%s); generating images inline", exc)
-    rng = random.Random(seed)
-    return [
-        {
-            "prompt": [{"role": "user", "content": "How many circles are in the image? Answer with a number."}],
-            "images": [_synthetic_image(rng, image_size)],
-            "solution": "3",
-        }
-        for _ in range(num)
-    ]
+    dataset = make_synthetic_perception_dataset(num, seed=seed, image_size=image_size)
+    return [dict(dataset[i]) for i in range(num)]
 
 
 def hashed_reward(completions, **kwargs) -> list[float]:
@@ -147,10 +122,10 @@ def make_trainers(model_dir: Path, args, out_dir: Path) -> dict[str, Any]:
     """One trainer per variant, each with its own copy of the same weights."""
     from trl import GRPOConfig, GRPOTrainer
 
-    from cppo_trl.config import CPPOConfig
-    from cppo_trl.papo import PAPOTrainer
-    from cppo_trl.papo_config import PAPOConfig
-    from cppo_trl.trainer import CPPOTrainer
+    from cppo_trl.trainer.cppo_config import CPPOConfig
+    from cppo_trl.trainer.cppo_trainer import CPPOTrainer
+    from cppo_trl.trainer.papo_config import PAPOConfig
+    from cppo_trl.trainer.papo_trainer import PAPOTrainer
 
     common = {
         "per_device_train_batch_size": args.prompts * args.generations,

@@ -1,12 +1,12 @@
 """GRPO vs PAPO vs CPPO where perception is the bottleneck: the CPPO paper's comparison in miniature.
 
 `python benchmarks/compare.py --out outputs/compare` (`make compare`; ~20-40 min on 2 CPU cores, not part of the tests).
-Task (`cppo_trl.data.PRIOR_TASK`): "What is the color of the <shape> in the image?" In training the shape gives the
+Task (`cppo_trl.data.synthetic.PRIOR_TASK`): "What is the color of the <shape> in the image?" In training the shape gives the
 colour 80% of the time, a prior the text offers and the image must override; the held-out split draws colours
 uniformly, so ~3/4 of its questions are *prior-conflicting* (the shape's training colour is wrong).
 
 Every arm trains through `cppo_trl.cppo.main` on one method-neutral recipe (`recipes/tiny/compare/config_prior_cpu.yaml`)
-from the same SFT warm-up checkpoint (`cppo_trl.demo.sft_warmup`, trained on the train distribution, prior included),
+from the same SFT warm-up checkpoint (`cppo_trl.scripts.demo.sft_warmup`, trained on the train distribution, prior included),
 with the same steps, batch, seeds and learning rate; arms differ by the switches in `ARMS`. Each run is evaluated
 with `evaluate_held_out`: accuracy@8 at temperature 1.0 by `cppo-eval`'s evaluator (`cppo_trl.evaluate.evaluate_model`,
 predictions kept in `<run>/eval`), overall and on the prior-conflicting and prior-aligned rows. A finished run is not
@@ -23,8 +23,8 @@ import logging
 import statistics
 from pathlib import Path
 
-from cppo_trl.demo import held_out_split, metric_series, parse_recipe, run_recipe, sft_warmup
 from cppo_trl.evaluate import evaluate_model
+from cppo_trl.scripts.demo import held_out_split, metric_series, parse_recipe, run_recipe, sft_warmup
 
 
 logger = logging.getLogger("compare")
@@ -160,9 +160,9 @@ def write_markdown(table: dict, sft: dict, steps: int, done: int, planned: int, 
 def plot(results: list[dict], sft: dict, path: Path) -> None:
     """Left: held-out accuracy per arm (bars: mean over seeds, dots: seeds), overall, prior-conflicting and
     prior-aligned, with the SFT start as lines. Right: train reward, 10-step rolling average (mean over seeds, band: min-max over seeds)."""
-    from cppo_trl.visualize import _matplotlib
+    from cppo_trl.core.plotting import headless_pyplot
 
-    plt = _matplotlib()
+    plt = headless_pyplot()
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.2))
     arms = [arm for arm in ARMS if any(r["arm"] == arm for r in results)]
     groups = (
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from cppo_trl.cppo import resolve_model_path
+    from cppo_trl.testing import resolve_model_path
 
     overrides = ["--synthetic_num_test", "8"] if args.quick else []
     steps_override = 2 if args.quick else args.steps

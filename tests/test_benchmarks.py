@@ -7,9 +7,10 @@ import datasets
 import pytest
 from PIL import Image
 
-from cppo_trl import benchmark_schemas, benchmarks
-from cppo_trl.data import DEFAULT_PROMPT_SUFFIX
-from cppo_trl.rewards import accuracy_reward
+from cppo_trl.data.loaders import DEFAULT_PROMPT_SUFFIX
+from cppo_trl.data.rewards import accuracy_reward
+from cppo_trl.evaluate import benchmarks
+from cppo_trl.evaluate import schemas as benchmark_schemas
 
 
 def colour_image(rgb, size=56):

@@ -3,7 +3,7 @@ multiple-choice rows (an `options` column) accepting the letter or the gold opti
 
 import pytest
 
-from cppo_trl.rewards import REWARD_FUNCS, choice_matches
+from cppo_trl.data.rewards import REWARD_FUNCS, choice_matches
 
 
 ACCURACY = REWARD_FUNCS["accuracy"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cppo_trl import CPPOConfig, PAPOConfig
-from cppo_trl.demo import parse_recipe
+from cppo_trl.scripts.demo import parse_recipe
 
 
 COMPARE = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from cppo_trl import CPPOConfig, PerturbationParams
-from cppo_trl.config import PRESET_VALUES
+from cppo_trl.trainer.cppo_config import PRESET_VALUES
 
 
 def make(**kwargs):

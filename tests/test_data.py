@@ -13,21 +13,17 @@ import pytest
 from PIL import Image
 from trl.data_utils import is_conversational, prepare_multimodal_messages
 
-import cppo_trl.data as data_module
-from cppo_trl.data import (
-    DEFAULT_PROMPT_SUFFIX,
+import cppo_trl.data.loaders as data_module
+from cppo_trl.data.loaders import DEFAULT_PROMPT_SUFFIX, build_prompt, load_geometry3k, load_local, load_virl39k
+from cppo_trl.data.rewards import answer_match_reward
+from cppo_trl.data.synthetic import (
     PRIOR_COLORS,
     PRIOR_STRENGTH,
     PRIOR_TASK,
     SYNTHETIC_COLORS,
-    build_prompt,
-    load_geometry3k,
-    load_local,
-    load_virl39k,
     make_synthetic_perception_dataset,
     make_synthetic_splits,
 )
-from cppo_trl.rewards import answer_match_reward
 
 
 SIZES = {"a.png": (32, 24), "b.png": (40, 30), "c.png": (20, 50), "d.png": (16, 16)}
@@ -135,7 +131,7 @@ def test_virl39k_zip_extract_dir(virl_zip_folder, tmp_path):
 
 
 def test_virl39k_max_images_drops_multi_image_rows(virl_folder, caplog):
-    with caplog.at_level(logging.WARNING, logger="cppo_trl.data"):
+    with caplog.at_level(logging.WARNING, logger="cppo_trl.data.loaders"):
         dataset = load_virl39k(virl_folder, max_images=1)
     assert dataset["qid"] == ["q0", "q2"]
     assert "Dropped 1 of 3 rows with more than 1 image" in caplog.text
@@ -222,7 +218,7 @@ def test_skip_drops_exactly_the_bad_rows(tmp_path, caplog):
     ]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows))
-    with caplog.at_level(logging.WARNING, logger="cppo_trl.data"):
+    with caplog.at_level(logging.WARNING, logger="cppo_trl.data.loaders"):
         dataset = load_local(path, on_invalid="skip", id_column="id", keep_columns=("id",))
     assert dataset["id"] == [0, 6]
     assert dataset["solution"] == ["1", "7"]

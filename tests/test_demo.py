@@ -1,4 +1,4 @@
-"""`python -m cppo_trl.demo --quick` end to end: SFT warm-up, CPPO through the recipe, evaluation and every artefact.
+"""`python -m cppo_trl.scripts.demo --quick` end to end: SFT warm-up, CPPO through the recipe, evaluation and every artefact.
 
 Budgets are tiny (8 SFT steps, 2 RL steps), so this checks plumbing, not learning; `make demo` is the real run.
 """
@@ -9,7 +9,7 @@ import json
 import PIL.Image
 import pytest
 
-from cppo_trl import demo
+from cppo_trl.scripts import demo
 
 
 pytestmark = pytest.mark.slow

@@ -1,10 +1,11 @@
-"""`--help` of every console script, every `python -m cppo_trl.<module>` entry point and every benchmark script.
+"""`--help` of every console script, every `python -m cppo_trl...` entry point (modules with a
+`__main__` block, sub-packages with a `__main__.py`) and every benchmark script.
 
 Discovered, not listed: `[project.scripts]` of pyproject.toml, the package modules with a `__main__` block and
 `benchmarks/*.py`, so a script added later is covered. Each runs in its own process, in parallel: one interpreter
 (`tests/scripts/run_help.py`) imports torch/transformers/TRL once and forks a child per entry point, which runs it as
-the user's command would. A help string with an unescaped `%` (argparse formats help text) once crashed
-`cppo-train --help`.
+the user's command would. argparse formats help text with `%`, so a help string with an unescaped `%` crashes
+`--help`: this catches it.
 """
 
 import json
@@ -30,9 +31,14 @@ def entry_points() -> list[tuple[str, str, str]]:
     entries = []
     for name, target in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"].items():
         entries.append(("script", target, name))
-    for path in sorted(PACKAGE.glob("*.py")):
-        if re.search(r"^if __name__ == .__main__.:", path.read_text(), flags=re.MULTILINE):
-            entries.append(("module", f"cppo_trl.{path.stem}", f"python -m cppo_trl.{path.stem}"))
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if path.name == "__main__.py":  # `python -m` of a sub-package
+            module = ".".join(parts[:-1])
+            entries.append(("module", module, f"python -m {module}"))
+        elif re.search(r"^if __name__ == .__main__.:", path.read_text(), flags=re.MULTILINE):
+            module = ".".join(parts)
+            entries.append(("module", module, f"python -m {module}"))
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
         entries.append(("path", str(path), f"benchmarks/{path.name}"))
     return entries
@@ -40,7 +46,7 @@ def entry_points() -> list[tuple[str, str, str]]:
 
 def test_entry_points_are_discovered():
     names = {name for _, _, name in entry_points()}
-    assert {"cppo-train", "cppo-visualize", "python -m cppo_trl.cppo", "python -m cppo_trl.visualize"} <= names
+    assert {"cppo-train", "cppo-visualize", "python -m cppo_trl.cppo", "python -m cppo_trl.scripts.visualize"} <= names
     assert {"benchmarks/bench.py", "benchmarks/gpu_check.py", "benchmarks/gpu_wheels.py"} <= names
 
 

@@ -13,8 +13,8 @@ import types
 import pytest
 import torch
 
-from cppo_trl import evaluate, generation, report, runner
-from cppo_trl.generation import SamplingConfig, filter_logits, gumbel_choice
+from cppo_trl.evaluate import arguments, cli, evaluation, generation, report, runner
+from cppo_trl.evaluate.generation import SamplingConfig, filter_logits, gumbel_choice
 
 
 RECIPE = "recipes/tiny/cppo/config_demo_cpu.yaml"
@@ -57,7 +57,7 @@ def test_single_draw_has_no_std_and_ragged_scores_fail():
 )
 def test_protocol_fields_are_validated(field, value, message):
     with pytest.raises(ValueError, match=message):
-        evaluate.EvalArguments(model_name_or_path="m", **{field: value})
+        arguments.EvalArguments(model_name_or_path="m", **{field: value})
 
 
 def test_greedy_needs_one_sample():
@@ -100,22 +100,22 @@ def test_per_sample_sampler_ignores_the_batch():
 
 
 def test_draws_do_not_depend_on_batching(tiny_qwen, tmp_path):
-    one = evaluate.evaluate_model(tiny_qwen, "synthetic", batch_size=1, **SMALL)["predictions"]
-    four = evaluate.evaluate_model(tiny_qwen, "synthetic", batch_size=4, **SMALL)["predictions"]
+    one = evaluation.evaluate_model(tiny_qwen, "synthetic", batch_size=1, **SMALL)["predictions"]
+    four = evaluation.evaluate_model(tiny_qwen, "synthetic", batch_size=4, **SMALL)["predictions"]
     assert [r["completions"] for r in one] == [r["completions"] for r in four]
     assert len({tuple(r["completions"]) for r in one}) == 4  # different samples draw differently
-    reseeded = evaluate.evaluate_model(tiny_qwen, "synthetic", batch_size=4, seed=7, **SMALL)["predictions"]
+    reseeded = evaluation.evaluate_model(tiny_qwen, "synthetic", batch_size=4, seed=7, **SMALL)["predictions"]
     assert [r["completions"] for r in reseeded] != [r["completions"] for r in one]
 
 
 def test_sharded_processes_give_the_single_process_results(tiny_qwen, tmp_path):
     """Two data-parallel ranks (threads meeting at a barrier, as processes under accelerate do) fill per-rank files
     that the main rank gathers into the same predictions and results as one process."""
-    args = evaluate.EvalArguments(
+    args = arguments.EvalArguments(
         model_name_or_path=str(tiny_qwen), benchmarks=["synthetic"], output_dir=str(tmp_path / "single"), **SMALL
     )
-    settings = evaluate.resolve_settings(args)
-    loaded = evaluate.load_benchmarks(args, settings)
+    settings = evaluation.resolve_settings(args)
+    loaded = evaluation.load_benchmarks(args, settings)
     single = runner.build_runtime(args, settings, loaded)
     expected = runner.run_one(args, settings, loaded, single, tmp_path / "single")
     barrier = threading.Barrier(2)
@@ -156,9 +156,9 @@ def test_interrupted_parallel_parts_are_gathered(tmp_path):
 
 
 def test_greedy_pass_at_1(tiny_qwen):
-    results = evaluate.evaluate_model(tiny_qwen, "synthetic", **{**SMALL, "num_samples": 1, "temperature": 0.0})
+    results = evaluation.evaluate_model(tiny_qwen, "synthetic", **{**SMALL, "num_samples": 1, "temperature": 0.0})
     assert results["benchmarks"]["synthetic"]["std"] is None
-    again = evaluate.evaluate_model(
+    again = evaluation.evaluate_model(
         tiny_qwen, "synthetic", **{**SMALL, "num_samples": 1, "temperature": 0.0, "seed": 3}
     )
     assert [r["completions"] for r in again["predictions"]] == [r["completions"] for r in results["predictions"]]
@@ -188,7 +188,7 @@ def test_lora_adapter_is_merged_into_its_base(tiny_qwen, tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
         assert not torch.allclose(merged(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-3)
-    results = evaluate.evaluate_model(tmp_path / "adapter", "synthetic", **SMALL)
+    results = evaluation.evaluate_model(tmp_path / "adapter", "synthetic", **SMALL)
     assert results["model"] == str((tmp_path / "adapter").resolve()) and results["complete"]
 
 
@@ -196,7 +196,7 @@ def test_missing_checkpoint_is_named_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     for missing in (tmp_path / "no-such-checkpoint", "./relative/missing", "org/name/too/deep"):
         with pytest.raises(FileNotFoundError, match="does not exist"):
-            evaluate.evaluate_model(missing, "synthetic", output_dir=out, **SMALL)
+            evaluation.evaluate_model(missing, "synthetic", output_dir=out, **SMALL)
     assert not out.exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither config.json nor adapter_config.json"):
@@ -207,25 +207,25 @@ def test_missing_checkpoint_is_named_and_writes_nothing(tmp_path):
 def test_bad_benchmarks_fail_before_any_output(tiny_qwen, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="unknown benchmark.*'mathvist'"):
-        evaluate.main(["--model_name_or_path", str(tiny_qwen), "--benchmarks", "mathvist", "--output_dir", str(out)])
+        cli.main(["--model_name_or_path", str(tiny_qwen), "--benchmarks", "mathvist", "--output_dir", str(out)])
     (tmp_path / "set.jsonl").write_text(json.dumps({"question": "q", "answer": "a", "image": "lost.png"}))
     with pytest.raises(ValueError, match="lost.png"):
-        evaluate.evaluate_model(tiny_qwen, [str(tmp_path / "set.jsonl")], output_dir=out, max_new_tokens=2)
+        evaluation.evaluate_model(tiny_qwen, [str(tmp_path / "set.jsonl")], output_dir=out, max_new_tokens=2)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="benchmark 'empty'.*has no rows"):
-        evaluate.evaluate_model(tiny_qwen, [str(tmp_path / "empty.jsonl")], output_dir=out, max_new_tokens=2)
+        evaluation.evaluate_model(tiny_qwen, [str(tmp_path / "empty.jsonl")], output_dir=out, max_new_tokens=2)
     with pytest.raises(ValueError, match="unknown --perturb value 'blurr'"):
-        evaluate.evaluate_model(tiny_qwen, "synthetic", output_dir=out, perturb=["blurr"], **SMALL)
+        evaluation.evaluate_model(tiny_qwen, "synthetic", output_dir=out, perturb=["blurr"], **SMALL)
     assert not out.exists()
 
 
 def test_other_settings_are_refused_not_mixed(tiny_qwen, tmp_path):
-    evaluate.evaluate_model(tiny_qwen, "synthetic", output_dir=tmp_path, **SMALL)
+    evaluation.evaluate_model(tiny_qwen, "synthetic", output_dir=tmp_path, **SMALL)
     with pytest.raises(ValueError, match="other settings.*temperature: 1.0 -> 0.7"):
-        evaluate.evaluate_model(tiny_qwen, "synthetic", output_dir=tmp_path, temperature=0.7, **SMALL)
+        evaluation.evaluate_model(tiny_qwen, "synthetic", output_dir=tmp_path, temperature=0.7, **SMALL)
     kept = json.loads((tmp_path / "results.json").read_text())  # the finished run stays, untouched
     assert kept["protocol"]["temperature"] == 1.0
-    redone = evaluate.evaluate_model(
+    redone = evaluation.evaluate_model(
         tiny_qwen, "synthetic", output_dir=tmp_path, temperature=0.7, overwrite_output_dir=True, **SMALL
     )
     assert redone["protocol"]["temperature"] == 0.7
@@ -238,7 +238,7 @@ def test_other_settings_are_refused_not_mixed(tiny_qwen, tmp_path):
 def test_vllm_missing_is_a_clear_error(tiny_qwen, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed
     with pytest.raises(ImportError, match="--backend vllm needs the vllm package.*pip install vllm"):
-        evaluate.evaluate_model(tiny_qwen, "synthetic", output_dir=tmp_path, backend="vllm", **SMALL)
+        evaluation.evaluate_model(tiny_qwen, "synthetic", output_dir=tmp_path, backend="vllm", **SMALL)
     assert not (tmp_path / "results.json").exists()
 
 
@@ -260,7 +260,7 @@ def test_vllm_requests(tiny_qwen, tmp_path, monkeypatch):
             ]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=types.SimpleNamespace))
-    results = evaluate.evaluate_model(
+    results = evaluation.evaluate_model(
         tiny_qwen,
         "synthetic",
         backend="vllm",
@@ -288,11 +288,11 @@ def test_model_card_section_is_appended_once(tiny_qwen, tmp_path):
     shutil.copytree(tiny_qwen, model)
     (model / "README.md").write_text("# My model\n\nTrained with CPPO.\n")
     for _ in range(2):
-        evaluate.evaluate_model(model, "synthetic", output_dir=tmp_path / "eval", model_card=True, **SMALL)
+        evaluation.evaluate_model(model, "synthetic", output_dir=tmp_path / "eval", model_card=True, **SMALL)
     card = (model / "README.md").read_text()
     assert card.startswith("# My model\n\nTrained with CPPO.\n")
     assert card.count(report.CARD_START) == 1 and "| Model | Synthetic | Avg |" in card
     with pytest.raises(ValueError, match="--model_card appends to a local model folder"):
-        evaluate.evaluate_model("org/model", "synthetic", model_card=True, **SMALL)
+        evaluation.evaluate_model("org/model", "synthetic", model_card=True, **SMALL)
     with pytest.raises(ValueError, match="--push_to_hub with a local model needs --hub_model_id"):
-        evaluate.evaluate_model(model, "synthetic", push_to_hub=True, **SMALL)
+        evaluation.evaluate_model(model, "synthetic", push_to_hub=True, **SMALL)

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cppo_trl import evaluate
-from cppo_trl.cppo import CPPOScriptArguments, load_eval_split, make_parser
+from cppo_trl.data.script_args import CPPOScriptArguments
+from cppo_trl.data.splits import load_eval_split
+from cppo_trl.evaluate import arguments, cli, evaluation
+from cppo_trl.recipe import make_parser
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +50,7 @@ def test_eval_recipes_found():
 
 @pytest.mark.parametrize("path", EVAL_RECIPES, ids=lambda p: p.name)
 def test_eval_recipe_parses_and_is_laid_out(path):
-    (args,) = evaluate.make_parser().parse_args_and_config(args=["--config", str(path)])
+    (args,) = cli.make_parser().parse_args_and_config(args=["--config", str(path)])
     assert args.model_name_or_path and args.benchmarks
     text = path.read_text()
     header = text.split("\n\n", 1)[0]
@@ -57,7 +59,7 @@ def test_eval_recipe_parses_and_is_laid_out(path):
     assert positions == sorted(positions)
     defaults = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        for f in dataclasses.fields(evaluate.EvalArguments)
+        for f in dataclasses.fields(arguments.EvalArguments)
     }
     values = yaml.safe_load(text)
     for section in re.split(r"\n# [A-Z][a-z]+ arguments\n", text)[1:]:
@@ -74,17 +76,13 @@ def test_eval_recipe_parses_and_is_laid_out(path):
 
 
 def test_table_recipes_follow_the_paper():
-    (table1,) = evaluate.make_parser().parse_args_and_config(
-        args=["--config", str(ROOT / "recipes/eval/eval_table1.yaml")]
-    )
-    assert table1.benchmarks == list(evaluate.registry.TABLE1_BENCHMARKS) and table1.backend == "vllm"
+    (table1,) = cli.make_parser().parse_args_and_config(args=["--config", str(ROOT / "recipes/eval/eval_table1.yaml")])
+    assert table1.benchmarks == list(evaluation.registry.TABLE1_BENCHMARKS) and table1.backend == "vllm"
     assert (table1.num_samples, table1.temperature, table1.top_p, table1.top_k) == (8, 1.0, 1.0, 0)
-    (table6,) = evaluate.make_parser().parse_args_and_config(
-        args=["--config", str(ROOT / "recipes/eval/eval_table6.yaml")]
-    )
+    (table6,) = cli.make_parser().parse_args_and_config(args=["--config", str(ROOT / "recipes/eval/eval_table6.yaml")])
     assert sorted(table6.benchmarks) == ["logicvista", "mathvision", "mathvista", "wemath"]
-    settings = evaluate.resolve_settings(table6)
-    views = evaluate.expand_views(table6.perturb, settings.perturbation_params)
+    settings = evaluation.resolve_settings(table6)
+    views = evaluation.expand_views(table6.perturb, settings.perturbation_params)
     assert views == {
         "color_jitter": "preserving",
         "perspective": "preserving",

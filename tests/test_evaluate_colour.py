@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from cppo_trl import evaluate, report
-from cppo_trl.data import SYNTHETIC_COLORS, make_synthetic_perception_dataset
-from cppo_trl.generation import chat_text
+from cppo_trl.data.synthetic import SYNTHETIC_COLORS, make_synthetic_perception_dataset
+from cppo_trl.evaluate import cli, evaluation, report
+from cppo_trl.evaluate.generation import chat_text
 
 
 RECIPE = "recipes/eval/eval_tiny_cpu.yaml"
@@ -79,7 +79,7 @@ def audited(colour_model, tmp_path_factory):
     """The CPU eval recipe through the CLI, with the audit narrowed to two views to keep the suite short."""
     out = tmp_path_factory.mktemp("eval") / "run"
     argv = ["--config", RECIPE, "--model_name_or_path", str(colour_model), "--output_dir", str(out)]
-    evaluate.main([*argv, "--perturb", "color_jitter", "patch_occlusion"])
+    cli.main([*argv, "--perturb", "color_jitter", "patch_occlusion"])
     return out
 
 
@@ -117,8 +117,8 @@ def test_audit_flags_colour_jitter_on_colour_questions(audited):
 
 def test_resume_after_interruption_gives_the_same_results(colour_model, tmp_path, monkeypatch):
     options = {"training_recipe": DEMO_RECIPE, "max_new_tokens": 8, "max_samples": 16, "num_samples": 4}
-    straight = evaluate.evaluate_model(colour_model, "synthetic", output_dir=tmp_path / "a", batch_size=4, **options)
-    from cppo_trl.generation import TransformersBackend
+    straight = evaluation.evaluate_model(colour_model, "synthetic", output_dir=tmp_path / "a", batch_size=4, **options)
+    from cppo_trl.evaluate.generation import TransformersBackend
 
     original, calls = TransformersBackend.generate, []
 
@@ -130,13 +130,13 @@ def test_resume_after_interruption_gives_the_same_results(colour_model, tmp_path
 
     monkeypatch.setattr(TransformersBackend, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        evaluate.evaluate_model(colour_model, "synthetic", output_dir=tmp_path / "b", batch_size=4, **options)
+        evaluation.evaluate_model(colour_model, "synthetic", output_dir=tmp_path / "b", batch_size=4, **options)
     assert not (tmp_path / "b" / "results.json").exists() and not (tmp_path / "b" / "results.md").exists()
     assert len((tmp_path / "b" / "predictions.jsonl").read_text().splitlines()) == 8
     with (tmp_path / "b" / "predictions.jsonl").open("a") as handle:
         handle.write('{"benchmark": "synthetic", "id": "9", "compl')  # a write cut short by the interruption
     monkeypatch.setattr(TransformersBackend, "generate", original)
-    resumed = evaluate.evaluate_model(colour_model, "synthetic", output_dir=tmp_path / "b", batch_size=2, **options)
+    resumed = evaluation.evaluate_model(colour_model, "synthetic", output_dir=tmp_path / "b", batch_size=2, **options)
     assert [r["completions"] for r in resumed["predictions"]] == [r["completions"] for r in straight["predictions"]]
     assert without_time(resumed) == without_time(straight) and 0 < straight["average"] < 1
     on_disk = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("a", "b")]
@@ -148,9 +148,7 @@ def without_time(results):
 
 
 def test_compare_runs(audited, tmp_path, capsys):
-    table = evaluate.main(
-        ["compare", str(audited), str(audited / "perturb-color_jitter"), "--output_dir", str(tmp_path)]
-    )
+    table = cli.main(["compare", str(audited), str(audited / "perturb-color_jitter"), "--output_dir", str(tmp_path)])
     assert (tmp_path / "compare.png").stat().st_size > 0 and (tmp_path / "compare.md").read_text() == table
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 3 and not any(row.startswith("| paper") for row in rows)  # no Table 1 column: no reference
@@ -159,7 +157,7 @@ def test_compare_runs(audited, tmp_path, capsys):
     assert "compare.md" in capsys.readouterr().out
     # As the `cppo-eval` console script runs it (`sys.exit(cli())`): a finished command exits 0.
     with pytest.raises(SystemExit) as exit_info:
-        sys.exit(evaluate.cli(["compare", str(audited), "--output_dir", str(tmp_path / "again")]))
+        sys.exit(cli.cli(["compare", str(audited), "--output_dir", str(tmp_path / "again")]))
     assert exit_info.value.code is None
 
 

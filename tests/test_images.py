@@ -1,4 +1,4 @@
-"""Tests for cppo_trl.images: to_rgb, and the pixel budget every consumer of a prompt image must agree on."""
+"""Tests for cppo_trl.core.images: to_rgb, and the pixel budget every consumer of a prompt image must agree on."""
 
 import io
 import logging
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from cppo_trl.images import PixelBudget, load_processor, prepare_image, to_rgb
+from cppo_trl.core.images import PixelBudget, load_processor, prepare_image, to_rgb
 
 
 def _noise_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
@@ -72,7 +72,7 @@ def test_load_processor_applies_and_checks_the_limits(tiny_vlm, monkeypatch, cap
     processor = load_processor(str(tiny_vlm("qwen2_5_vl")), min_pixels=3136, max_pixels=1003520)
     assert PixelBudget.from_processor(processor) == PixelBudget(factor=28, min_pixels=3136, max_pixels=1003520)
     assert processor.tokenizer.padding_side == "left"
-    with caplog.at_level(logging.WARNING, logger="cppo_trl.images"):
+    with caplog.at_level(logging.WARNING, logger="cppo_trl.core.images"):
         assert PixelBudget.from_processor(load_processor(str(tiny_vlm("gemma3")), max_pixels=1003520)) is None
     assert "no effect on Gemma3ImageProcessor" in caplog.text
 
@@ -183,7 +183,7 @@ def test_to_rgb_rescales_16_bit_by_bit_depth():
 
 def test_to_rgb_clips_out_of_range_int_with_warning(caplog):
     image = PIL.Image.fromarray(np.array([[-5, 70000]], dtype=np.int32))
-    with caplog.at_level(logging.WARNING, logger="cppo_trl.images"):
+    with caplog.at_level(logging.WARNING, logger="cppo_trl.core.images"):
         out = to_rgb(image)
     assert [out.getpixel((x, 0)) for x in range(2)] == [(0, 0, 0), (255, 255, 255)]
     assert "clipped" in caplog.text

@@ -21,10 +21,10 @@ from datasets import Dataset
 from trl import GRPOTrainer
 
 from cppo_trl import CPPOConfig, PAPOConfig, PAPOTrainer
-from cppo_trl.masking import patch_mask
-from cppo_trl.papo import HAS_MASKED_VIEW_KEY, MASKED, MASKED_LOGPS_KEY
-from cppo_trl.perception import aggregate_like_policy_loss, papo_token_terms
-from cppo_trl.perturbations import view_seed
+from cppo_trl.core.masking import patch_mask
+from cppo_trl.core.perception import aggregate_like_policy_loss, papo_token_terms
+from cppo_trl.core.perturbations import view_seed
+from cppo_trl.trainer.papo_trainer import HAS_MASKED_VIEW_KEY, MASKED, MASKED_LOGPS_KEY
 
 
 PAPO_METRICS = ("papo/kl_prc", "papo/entropy", "papo/masked_logp", "papo/masked_fraction", "papo/loss")
@@ -149,8 +149,8 @@ def test_masked_logps_are_the_rollout_policy_at_the_rollout_temperature(tiny_qwe
     assert not stored.requires_grad and inputs[HAS_MASKED_VIEW_KEY].all()
     row = trainer.train_dataset[0]
     prepared = trainer._pixel_budget.fit(row["images"][0].convert("RGB"))
-    from cppo_trl.perturbations import sample_key
-    from cppo_trl.views import prompt_text
+    from cppo_trl.core.perturbations import sample_key
+    from cppo_trl.trainer.views import prompt_text
 
     text = prompt_text({**row, "images": [prepared]}, trainer.processing_class)
     masked = trainer._make_masked_images(row["images"], [prepared], sample_key(text, [prepared])).images[MASKED]
@@ -397,15 +397,16 @@ def test_training_script_runs_the_papo_recipe(tiny_qwen, tmp_path):
     import json
     from pathlib import Path
 
-    from cppo_trl import cppo
+    from cppo_trl.recipe import parse_args
+    from cppo_trl.scripts import train
 
     recipe = Path(__file__).resolve().parents[1] / "recipes/tiny/papo/config_synthetic_cpu.yaml"
     out = tmp_path / "run"
     argv = ["--config", str(recipe), "--model_name_or_path", str(tiny_qwen), "--output_dir", str(out)]
     argv += ["--max_steps", "2", "--save_steps", "2", "--max_completion_length", "8", "--synthetic_num_train", "8"]
-    script_args, args, model_args = cppo.parse_args(argv)
+    script_args, args, model_args = parse_args(argv)
     assert isinstance(args, PAPOConfig) and script_args.method == "papo"
-    cppo.main(script_args, args, model_args, recipe=str(recipe))
+    train.main(script_args, args, model_args, recipe=str(recipe))
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [h["step"] for h in history if "papo/kl_prc" in h] == [1, 2]
     card = (out / "README.md").read_text()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cppo_trl.masking import blacken_patches, patch_mask
-from cppo_trl.perception import aggregate_like_policy_loss, papo_token_terms
+from cppo_trl.core.masking import blacken_patches, patch_mask
+from cppo_trl.core.perception import aggregate_like_policy_loss, papo_token_terms
 
 
 def _authors_low_var_kl(log_probs, ref_log_probs):

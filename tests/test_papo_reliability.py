@@ -13,8 +13,8 @@ from PIL import Image
 from trl import GRPOTrainer
 
 from cppo_trl import PAPOTrainer
-from cppo_trl.papo import HAS_MASKED_VIEW_KEY, MASKED, MASKED_LOGPS_KEY
 from cppo_trl.testing import TINY_VLM_FAMILIES
+from cppo_trl.trainer.papo_trainer import HAS_MASKED_VIEW_KEY, MASKED, MASKED_LOGPS_KEY
 
 
 def _papo(model, tmp_path, **overrides):

@@ -20,12 +20,14 @@ from transformers import AutoProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from trl import GRPOTrainer
 
-from cppo_trl import data
-from cppo_trl.config import CPPOConfig
-from cppo_trl.cppo import CPPOScriptArguments, filter_long_prompts, load_split, make_parser
-from cppo_trl.images import PixelBudget
-from cppo_trl.perception import perception_token_count, select_perception_tokens
-from cppo_trl.rewards import released_reward
+from cppo_trl.core.images import PixelBudget
+from cppo_trl.core.perception import perception_token_count, select_perception_tokens
+from cppo_trl.data import loaders
+from cppo_trl.data.rewards import released_reward
+from cppo_trl.data.script_args import CPPOScriptArguments
+from cppo_trl.data.splits import filter_long_prompts, load_split
+from cppo_trl.recipe import make_parser
+from cppo_trl.trainer.cppo_config import CPPOConfig
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +143,7 @@ def test_released_reward_scores_like_the_authors(completion, solution, expected,
 def test_released_reward_times_out_instead_of_hanging(monkeypatch):
     import sympy
 
-    from cppo_trl import rewards
+    from cppo_trl.data import rewards
 
     def slow_simplify(expression):
         import time
@@ -331,25 +333,25 @@ def test_released_prompt_layout_is_the_authors_string():
     cppo_dataset.py splits it at "<image>" keeping every non-empty segment."""
 
     def rendered(question, images=1):
-        messages = data.build_prompt(question, images, layout="released")
+        messages = loaders.build_prompt(question, images, layout="released")
         return "".join("<image>" if p["type"] == "image" else p["text"] for p in messages[0]["content"])
 
     for question in ("What is x?", "<image>\nWhat is x?", "Look: <image>", "A <image> B", "  spaced  "):
         authors = (question if "<image>" in question else "<image>\n" + question) + " " + INSTRUCTION
         assert rendered(question) == authors
-    content = data.build_prompt("Look: <image>", 1, layout="released")[0]["content"]
+    content = loaders.build_prompt("Look: <image>", 1, layout="released")[0]["content"]
     assert [p["type"] for p in content] == ["text", "image", "text"]  # the instruction stays after the image
-    assert data.build_prompt("Look: <image>", 1)[0]["content"][-1] == {"type": "image"}  # ours: suffix before it
+    assert loaders.build_prompt("Look: <image>", 1)[0]["content"][-1] == {"type": "image"}  # ours: suffix before it
     with pytest.raises(ValueError, match="placeholder"):
-        data.build_prompt("<image> and <image>", 1, layout="released")
+        loaders.build_prompt("<image> and <image>", 1, layout="released")
 
 
 @pytest.mark.parametrize(("size", "expected"), [((10, 40), (28, 112)), ((20, 100), (28, 140)), ((40, 7), (160, 28))])
 def test_min_side_upscale_is_the_authors(size, expected):
     """virl39k.py resize_min_side: scale = max(28/w, 28/h), sides int(round(side * scale)), LANCZOS."""
     image = Image.new("RGB", size, (200, 10, 10))
-    assert data.upscale_short_side(image, 28).size == expected
-    assert data.upscale_short_side(Image.new("RGB", (28, 500)), 28).size == (28, 500)
+    assert loaders.upscale_short_side(image, 28).size == expected
+    assert loaders.upscale_short_side(Image.new("RGB", (28, 500)), 28).size == (28, 500)
 
 
 def _rows(tmp_path, sizes_per_row):
@@ -405,22 +407,27 @@ def expected_prompt_tokens(processor, row) -> int:
 
 def test_prompt_filter_counts_like_the_processor(tmp_path, processor, caplog):
     # The tiny processor caps an image at 112 x 112 px (16 tokens): 300 x 200 is resized, 30 x 30 rounds up to 28.
-    rows = data.convert_rows(_rows(tmp_path, [[(56, 56)], [(300, 200)], [(30, 30)], [(112, 56)]]), image_root=tmp_path)
-    counts = data.prompt_token_counts(rows, processor)
+    rows = loaders.convert_rows(
+        _rows(tmp_path, [[(56, 56)], [(300, 200)], [(30, 30)], [(112, 56)]]), image_root=tmp_path
+    )
+    counts = loaders.prompt_token_counts(rows, processor)
     assert counts == [expected_prompt_tokens(processor, row) for row in rows]
     assert len(set(counts)) == 4  # four different lengths, so the threshold below is meaningful
     limit = sorted(counts)[1]  # keep the two shortest (verl keeps length <= max_prompt_length)
-    with caplog.at_level(logging.WARNING, logger="cppo_trl.data"):
-        kept = data.drop_long_prompts(rows, counts, limit)
-    assert len(kept) == 2 and all(count <= limit for count in data.prompt_token_counts(kept, processor))
+    with caplog.at_level(logging.WARNING, logger="cppo_trl.data.loaders"):
+        kept = loaders.drop_long_prompts(rows, counts, limit)
+    assert len(kept) == 2 and all(count <= limit for count in loaders.prompt_token_counts(kept, processor))
     assert f"dropped 2 of 4 rows whose processed prompt exceeds {limit} tokens" in caplog.text
     with pytest.raises(ValueError, match=f"max_prompt_tokens={min(counts) - 1} leaves no row.*{min(counts)} tokens"):
-        data.drop_long_prompts(rows, counts, min(counts) - 1)
+        loaders.drop_long_prompts(rows, counts, min(counts) - 1)
 
     # The script's glue gives the same rows (one process: counts on the main process, nothing to broadcast).
     script_args = CPPOScriptArguments(max_prompt_tokens=limit)
     training_args = CPPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True)
-    assert filter_long_prompts(rows, processor, script_args, training_args, "train")["images"] == kept["images"]
+    assert (
+        filter_long_prompts(rows, processor, script_args, "train", training_args.chat_template_kwargs)["images"]
+        == kept["images"]
+    )
 
 
 def test_recipe_pixel_cap_never_binds_on_a_kept_row():
@@ -448,11 +455,11 @@ def test_recipe_pixel_cap_never_binds_on_a_kept_row():
 def test_flash_attention_falls_back_to_sdpa(caplog):
     from transformers.utils import is_flash_attn_2_available
 
-    from cppo_trl.cppo import resolve_attn_implementation
+    from cppo_trl.scripts.train import resolve_attn_implementation
 
     if is_flash_attn_2_available():
         pytest.skip("flash-attn is installed here")
-    with caplog.at_level(logging.WARNING, logger="cppo_trl.cppo"):
+    with caplog.at_level(logging.WARNING, logger="cppo_trl.scripts.train"):
         assert resolve_attn_implementation("flash_attention_2") == "sdpa"
     assert "flash-attn package is not installed" in caplog.text
     assert resolve_attn_implementation("eager") == "eager" and resolve_attn_implementation(None) is None

@@ -1,11 +1,11 @@
-"""Hand-computed checks of the pure CPPO maths in `cppo_trl.perception` (SPEC §1, §2, §5)."""
+"""Hand-computed checks of the pure CPPO maths in `cppo_trl.core.perception` (docs/method.md)."""
 
 import math
 
 import pytest
 import torch
 
-from cppo_trl.perception import (
+from cppo_trl.core.perception import (
     CPL_AGGREGATIONS,
     CPL_DIVERGENCES,
     PERCEPTION_SCORES,
@@ -335,7 +335,7 @@ _ROW_TOKENS = torch.tensor([3.0, 2.0])
     [
         ("grpo", (4.0 / 3.0 + 0.0) / 2, {}),  # Eq. 9: per-trajectory mean, then mean over the batch
         ("sapo", (4.0 / 3.0 + 0.0) / 2, {}),
-        ("bnpo", 4.0 / 5.0, {}),  # token-mean over all completion tokens (SPEC §2)
+        ("bnpo", 4.0 / 5.0, {}),  # token-mean over all completion tokens (paper Eq. 9)
         ("luspo", 4.0 / 2, {}),
         ("dr_grpo", 4.0 / (2 * 10), {"max_completion_length": 10}),
         ("dapo", 4.0 / 8.0, {"tokens_per_micro_batch": 8.0}),

@@ -1,4 +1,4 @@
-"""Tests for cppo_trl.perturbations: size preservation, determinism, information removal, validation."""
+"""Tests for cppo_trl.core.perturbations: size preservation, determinism, information removal, validation."""
 
 import dataclasses
 import inspect
@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 import torch
 
-from cppo_trl.perturbations import (
+from cppo_trl.core.perturbations import (
     PRESERVING_PERTURBATIONS,
     REMOVING_PERTURBATIONS,
     ImageViews,

@@ -7,9 +7,9 @@ import torch
 from conftest import generation_batch, hashed_reward, make_trainer, textured_image
 from datasets import Dataset
 
-from cppo_trl.base_trainer import check_vllm_prompt_ids
-from cppo_trl.images import PixelBudget
-from cppo_trl.trainer import REMOVED
+from cppo_trl.core.images import PixelBudget
+from cppo_trl.trainer.cppo_trainer import REMOVED
+from cppo_trl.trainer.perception_grpo_trainer import check_vllm_prompt_ids
 
 
 def _rows(images, text="What colour is the top left block?"):

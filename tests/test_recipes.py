@@ -15,9 +15,9 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 from trl import ModelConfig
 
-from cppo_trl import cppo
-from cppo_trl.cppo import METHODS, TrainScriptArguments, method_of, parse_args
-from cppo_trl.papo_config import PAPOConfig
+from cppo_trl.recipe import METHODS, TrainScriptArguments, method_of, parse_args
+from cppo_trl.scripts import train
+from cppo_trl.trainer.papo_config import PAPOConfig
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate_configs").glob("*.ya
 GPUS = 8
 SECTIONS = ("# Model arguments", "# Data arguments", "# Trainer arguments")
 ABLATION_DIR = ROOT / "recipes" / "Qwen2.5-VL-3B-Instruct"
-# Table 2 order; each step must switch on exactly the named field (SPEC §7).
+# Table 2 order; each step must switch on exactly the named field (paper Table 2).
 ABLATIONS = [
     ("grpo/config_geometry3k.yaml", None),
     ("cppo/config_geometry3k_cpl_all_tokens.yaml", "cpl_weight"),
@@ -75,7 +75,7 @@ def test_recipe_parses(path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=rel)
 def test_recipe_layout(path):
-    """STYLE §9: launch command and hardware up front, model/data/trainer sections, sorted keys, reasons inline."""
+    """The recipe layout (docs/recipes.md): launch command and hardware up front, model/data/trainer sections, sorted keys, reasons inline."""
     text = path.read_text()
     header = text.split("\n\n", 1)[0]
     assert header.startswith("#") and "Launch:" in header and "Hardware:" in header
@@ -232,7 +232,7 @@ def test_help_lists_the_methods_fields(method, capsys):
     """`cppo-train --help` and `cppo-train --method papo --help` print (argparse formats every help string)."""
     argv = ["--help"] if method == "cppo" else ["--method", method, "--help"]
     with pytest.raises(SystemExit) as exit_info:
-        cppo.cli(argv)
+        train.cli(argv)
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     own, other = (

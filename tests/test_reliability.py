@@ -14,10 +14,10 @@ from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template, prepare_multimodal_messages
 
 from cppo_trl import CPPOConfig, CPPOTrainer
-from cppo_trl.perturbations import make_views_for_sample, sample_key, to_rgb
+from cppo_trl.core.perturbations import make_views_for_sample, sample_key, to_rgb
 from cppo_trl.testing import TINY_VLM_FAMILIES
-from cppo_trl.trainer import VIEWS_KEY
-from cppo_trl.views import VISION_KEYS, stack_padded
+from cppo_trl.trainer.cppo_trainer import VIEWS_KEY
+from cppo_trl.trainer.views import VISION_KEYS, stack_padded
 
 
 def _prompt(text: str, num_images: int) -> list[dict]:
@@ -84,7 +84,7 @@ def test_view_changing_size_raises_clear_error(tiny_vlm, tmp_path, monkeypatch):
         views = original(images, *args, **kwargs)
         return [dataclasses.replace(v, preserved=v.preserved.resize((224, 56))) for v in views]
 
-    monkeypatch.setattr("cppo_trl.trainer.make_views_for_sample", resized)
+    monkeypatch.setattr("cppo_trl.trainer.cppo_trainer.make_views_for_sample", resized)
     with pytest.raises(ValueError, match=r"preserved view is 224x56 but the image is 112x112"):
         generation_batch(trainer)
 
@@ -115,7 +115,7 @@ def test_processor_changing_token_count_under_a_view_raises_clear_error(tiny_vlm
             v.preserved.info["view"] = v.removed.info["view"] = True
         return views
 
-    monkeypatch.setattr("cppo_trl.trainer.make_views_for_sample", tagged)
+    monkeypatch.setattr("cppo_trl.trainer.cppo_trainer.make_views_for_sample", tagged)
     trainer.processing_class = _TokenChangingProcessor(trainer.processing_class)
     with pytest.raises(ValueError, match=r"prompt tokens for the preserved view but \d+ for the original image"):
         generation_batch(trainer)

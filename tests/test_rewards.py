@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from cppo_trl.rewards import (
+from cppo_trl.data.rewards import (
     REWARD_FUNCS,
     accuracy_reward,
     answer_match_reward,

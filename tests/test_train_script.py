@@ -65,7 +65,8 @@ def test_checkpoint_reloads(first_run):
 def test_model_card_names_method_paper_and_recipe(first_run):
     card = (first_run[0] / "README.md").read_text()
     assert "CPPO" in card
-    assert "CPPO: Contrastive Perception for Vision Language Policy Optimization" in card
+    assert "CPPO: Contrastive Perception Policy Optimization for VLM Agents" in card
+    assert "2601.00501" in card and "Rezaei, Ahmad" in card  # the arXiv id and the authors' BibTeX
     assert RECIPE in card
 
 

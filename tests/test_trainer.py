@@ -16,7 +16,7 @@ from conftest import (
 from trl import GRPOTrainer
 
 from cppo_trl import CPPOConfig, CPPOTrainer
-from cppo_trl.trainer import VIEWS_KEY
+from cppo_trl.trainer.cppo_trainer import VIEWS_KEY
 
 
 @pytest.mark.parametrize("divergence", ["full", "k3"])
@@ -98,7 +98,7 @@ def test_every_loss_type_trains(tiny_qwen, tmp_path, loss_type):
 
 
 def test_unknown_loss_type_rejected(tiny_qwen, tmp_path, monkeypatch):
-    monkeypatch.setattr("cppo_trl.trainer.POLICY_LOSS_TYPES", ("dapo",))
+    monkeypatch.setattr("cppo_trl.trainer.cppo_trainer.POLICY_LOSS_TYPES", ("dapo",))
     with pytest.raises(ValueError, match="loss_type='grpo' is not supported"):
         make_trainer(tiny_qwen, tmp_path, loss_type="grpo")
 

@@ -6,10 +6,10 @@ import PIL.Image
 import pytest
 import torch
 
-from cppo_trl.perception import select_perception_tokens
-from cppo_trl.perturbations import PRESERVING_PERTURBATIONS, REMOVING_PERTURBATIONS
+from cppo_trl.core.perception import select_perception_tokens
+from cppo_trl.core.perturbations import PRESERVING_PERTURBATIONS, REMOVING_PERTURBATIONS
+from cppo_trl.scripts.visualize import inspect_perception_tokens, main, perturbation_sheet, synthetic_image
 from cppo_trl.testing import build_tiny_vlm
-from cppo_trl.visualize import inspect_perception_tokens, main, perturbation_sheet, synthetic_image
 
 
 def test_perturbation_sheet_has_every_transform(tmp_path):

@@ -822,3 +822,13 @@ def build_tiny_vlm(
         raise
     logger.info("tiny %s ready in %s", family, folder)
     return folder
+
+
+TINY_PREFIX = "tiny:"
+
+
+def resolve_model_path(model_name_or_path: str, family: str) -> str:
+    """`tiny` / `tiny:<family>` → a tiny random VLM built (once, cached) on disk; anything else is returned as is."""
+    if model_name_or_path == "tiny" or model_name_or_path.startswith(TINY_PREFIX):
+        return str(build_tiny_vlm(family=model_name_or_path[len(TINY_PREFIX) :] or family))
+    return model_name_or_path

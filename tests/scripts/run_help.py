@@ -46,7 +46,7 @@ def main() -> None:
     import transformers  # noqa: F401
     from trl import GRPOConfig  # noqa: F401
 
-    import cppo_trl.data  # noqa: F401
+    import cppo_trl.data.loaders  # noqa: F401
 
     children = {}
     with tempfile.TemporaryDirectory() as folder:

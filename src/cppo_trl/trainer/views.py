@@ -21,7 +21,7 @@ import PIL.Image
 import torch
 from trl.data_utils import apply_chat_template, prepare_multimodal_messages
 
-from .images import PixelBudget, prepare_image
+from cppo_trl.core.images import PixelBudget, prepare_image
 
 
 # Vision tensors TRL keeps from the processor and passes to `_get_per_token_logps_and_entropies` (TRL 1.16,
@@ -92,7 +92,7 @@ def process_view(
     """Vision tensors of one view of sample `index`, after checking it keeps the original's token layout.
 
     Same token count can still hide another layout (Qwen: a 224x56 view has the 112x112 image's 16 tokens but another
-    `image_grid_thw`), so every view must first keep its image's size (SPEC §4).
+    `image_grid_thw`), so every view must first keep its image's size (paper §4.1).
     """
     for n, (view, image) in enumerate(zip(view_images, images, strict=True)):
         if view.size != image.size:

@@ -1,4 +1,4 @@
-"""Information-preserving and information-removing image views for CPPO (SPEC §4, §5).
+"""Information-preserving and information-removing image views for CPPO (paper §4.1; docs/method.md).
 
 Views are built on PIL images *before* the model's processor, so the method is model-agnostic and the number of
 image tokens never changes: every view keeps the original width and height. All randomness comes from an explicit
@@ -18,7 +18,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .images import to_rgb
+from cppo_trl.core.images import to_rgb
 
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def _is_number(value: object) -> bool:
 
 @dataclass(frozen=True)
 class PerturbationParams:
-    """Which transforms each view set may use and their parameters; defaults follow the paper's text (SPEC §5)."""
+    """Which transforms each view set may use and their parameters; defaults follow the paper's text (docs/method.md, paper or released code)."""
 
     preserving_perturbations: tuple[str, ...] = ("color_jitter", "perspective", "rotation", "gaussian_blur")
     removing_perturbations: tuple[str, ...] = ("patch_occlusion", "zoom_crop")

@@ -8,8 +8,8 @@ Figure 3 of the CPPO paper.
 
 CLI::
 
-    python -m cppo_trl.visualize perturbations --synthetic --out sheet.png
-    python -m cppo_trl.visualize inspect --model PATH --synthetic --prompt "What is shown?" --out DIR
+    python -m cppo_trl.scripts.visualize perturbations --synthetic --out sheet.png
+    python -m cppo_trl.scripts.visualize inspect --model PATH --synthetic --prompt "What is shown?" --out DIR
 """
 
 from __future__ import annotations
@@ -30,15 +30,16 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-from .images import PixelBudget, prepare_image, to_rgb
-from .perception import entropy_from_logits, perception_token_count, select_perception_tokens
-from .perturbations import (
+from cppo_trl.core.images import PixelBudget, prepare_image, to_rgb
+from cppo_trl.core.perception import entropy_from_logits, perception_token_count, select_perception_tokens
+from cppo_trl.core.perturbations import (
     PRESERVING_PERTURBATIONS,
     REMOVING_PERTURBATIONS,
     PerturbationParams,
     apply_perturbation,
     make_views,
 )
+from cppo_trl.core.plotting import headless_pyplot
 
 
 logger = logging.getLogger(__name__)
@@ -46,16 +47,6 @@ logger = logging.getLogger(__name__)
 # Keys of a processor output that describe text positions (one value per prompt token); they are zero-extended over
 # the completion for a teacher-forced pass.
 _TEXT_SIDE_KEYS = ("token_type_ids", "mm_token_type_ids")
-
-
-def _matplotlib():
-    """Headless matplotlib: the tools run on servers and in tests, never with a display."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def synthetic_image(size: int = 224, seed: int = 0) -> PIL.Image.Image:
@@ -93,7 +84,7 @@ def perturbation_sheet(
             generator = torch.Generator().manual_seed(seed)
             panels.append((name, kind, apply_perturbation(rgb, name, params, generator)))
 
-    plt = _matplotlib()
+    plt = headless_pyplot()
     cols = min(len(panels), 5)
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
@@ -322,7 +313,7 @@ K = {result.k}; selected = {int(result.selected.sum())} of {len(result.tokens)} 
 
 def _write_png(result: PerceptionInspection, image, removed_view, path: Path) -> Path:
     """The same page as a figure: both images on top, the shaded tokens laid out in monospace lines below."""
-    plt = _matplotlib()
+    plt = headless_pyplot()
     delta = result.delta.tolist()
     scale = max((abs(d) for d in delta), default=0.0)
     fontsize = 9
@@ -385,8 +376,8 @@ def _image_arg(args) -> PIL.Image.Image:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m cppo_trl.visualize {perturbations,inspect} ...`."""
-    parser = argparse.ArgumentParser(prog="python -m cppo_trl.visualize", description=__doc__.split("\n\n")[0])
+    """`python -m cppo_trl.scripts.visualize {perturbations,inspect} ...`."""
+    parser = argparse.ArgumentParser(prog="python -m cppo_trl.scripts.visualize", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (("perturbations", "grid of every view transform"), ("inspect", "perception tokens")):
         p = sub.add_parser(name, help=helptext)

@@ -3,14 +3,14 @@
 import math
 from dataclasses import dataclass, field, fields
 
-from .base_config import PerceptionGRPOConfig
-from .perception import CPL_AGGREGATIONS, CPL_DIVERGENCES, PERCEPTION_K_RULES, PERCEPTION_SCORES
-from .perturbations import PRESERVING_PERTURBATIONS, REMOVING_PERTURBATIONS, PerturbationParams
+from cppo_trl.core.perception import CPL_AGGREGATIONS, CPL_DIVERGENCES, PERCEPTION_K_RULES, PERCEPTION_SCORES
+from cppo_trl.core.perturbations import PRESERVING_PERTURBATIONS, REMOVING_PERTURBATIONS, PerturbationParams
+from cppo_trl.trainer.perception_grpo_config import PerceptionGRPOConfig
 
 
 CPPO_PRESETS = ("paper", "released")
 
-# Every point where the paper's text and the authors' released verl code differ (SPEC §5). A field left at `None`
+# Every point where the paper's text and the authors' released verl code differ (docs/method.md, paper or released code). A field left at `None`
 # takes its value from the chosen preset; a value the user sets explicitly wins.
 PRESET_VALUES: dict[str, dict[str, object]] = {
     "paper": {
@@ -45,7 +45,7 @@ class CPPOConfig(PerceptionGRPOConfig):
     Configuration for [`CPPOTrainer`]: every [`~trl.GRPOConfig`] field plus those below.
 
     Defaults follow the CPPO paper's text; `cppo_preset="released"` switches every point where the authors' released
-    code differs (SPEC §5) at once. Fields marked *preset* default to `None` and are filled from the preset; set them
+    code differs (docs/method.md, paper or released code) at once. Fields marked *preset* default to `None` and are filled from the preset; set them
     explicitly to override it.
 
     Parameters:
@@ -72,7 +72,7 @@ class CPPOConfig(PerceptionGRPOConfig):
         perception_k_rule (`str`, *preset*): how k = K·n⁺ is rounded down: `"exact"` floor (paper) or the
             released code's `"float32"` product then truncation.
 
-        > Perturbations (paper §4.1 and §7; see `cppo_trl.perturbations`)
+        > Perturbations (paper §4.1 and §7; see `cppo_trl.core.perturbations`)
 
         preserving_perturbations, removing_perturbations (`list[str]`, *preset*) and the transform parameters
         `occlusion_ratio`, `occlusion_patch_size`, `zoom_crop_side_range` (*preset*), `noise_rectangles_count`,

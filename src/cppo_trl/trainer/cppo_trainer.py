@@ -10,23 +10,23 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from .base_trainer import AnchorCapture, PerceptionGRPOTrainer, ViewPass, _completion_hidden
-from .config import CPPOConfig
-from .perception import (
+from cppo_trl.core.perception import (
     POLICY_LOSS_TYPES,
     contrastive_loss_from_divergences,
     full_kl,
     k3_divergence,
     select_perception_tokens,
 )
-from .perturbations import make_views_for_sample, sample_key
-from .views import ViewImages, build_sample_views
+from cppo_trl.core.perturbations import make_views_for_sample, sample_key
+from cppo_trl.trainer.cppo_config import CPPOConfig
+from cppo_trl.trainer.perception_grpo_trainer import AnchorCapture, PerceptionGRPOTrainer, ViewPass, _completion_hidden
+from cppo_trl.trainer.views import ViewImages, build_sample_views
 
 
 logger = logging.getLogger(__name__)
 
 VIEWS_KEY = "cppo_views"
-"""Key of the per-sample view storage (`cppo_trl.views.SampleViews` per rollout) in TRL's generation batch."""
+"""Key of the per-sample view storage (`cppo_trl.trainer.views.SampleViews` per rollout) in TRL's generation batch."""
 PRESERVED, REMOVED = "preserved", "removed"
 
 # Order of the per-micro-batch statistics reduced across processes in one collective.
@@ -75,12 +75,15 @@ class CPPOTrainer(PerceptionGRPOTrainer):
     _metric_prefix = "cppo"
     _config_class = CPPOConfig
     _paper = {
-        "title": "CPPO: Contrastive Perception for Vision Language Policy Optimization",
+        "title": "CPPO: Contrastive Perception Policy Optimization for VLM Agents",
+        "id": "2601.00501",
         # docstyle-ignore
         "citation": textwrap.dedent("""\
-            @article{cppo2025,
-                title        = {{CPPO: Contrastive Perception for Vision Language Policy Optimization}},
-                year         = 2025,
+            @article{rezaei2026cppo,
+                title        = {{CPPO: Contrastive Perception Policy Optimization for VLM Agents}},
+                author       = {Rezaei, Ahmad and Gholami, Mohsen and Ranjbar Alvar, Saeed and Cannons, Kevin and Hossain, Mohammad Asiful and Zhou, Weimin and Zhou, Shunbo and Zhang, Yong and Akbari, Mohammad},
+                journal      = {arXiv preprint arXiv:2601.00501},
+                year         = 2026,
             }"""),
     }
 

@@ -4,7 +4,7 @@
 - `VLLMBackend` (`--backend vllm`): one request per prompt with `SamplingParams(n=k)`, tensor parallel on one node;
   `vllm` is imported only when this backend is built.
 
-Both receive images already passed through `cppo_trl.images.prepare_image` with the processor's pixel budget (the
+Both receive images already passed through `cppo_trl.core.images.prepare_image` with the processor's pixel budget (the
 processor is loaded with the recipe's `min_pixels`/`max_pixels`, also handed to vLLM as `mm_processor_kwargs`), so
 every image reaches the model at the training resolution.
 
@@ -29,7 +29,7 @@ import PIL.Image
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from cppo_trl.images import load_processor
+from cppo_trl.core.images import load_processor
 
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _looks_like_path(name: str) -> bool:
 
 def resolve_model(model_name_or_path: str, tiny_family: str = "qwen2_5_vl") -> tuple[str, str | None]:
     """(model to load, LoRA adapter folder or None). A missing local path fails here, naming it."""
-    from cppo_trl.cppo import TINY_PREFIX, resolve_model_path
+    from cppo_trl.testing import TINY_PREFIX, resolve_model_path
 
     if not model_name_or_path:
         raise ValueError("model_name_or_path is required (a checkpoint folder, a Hub id or a LoRA adapter folder)")

@@ -1,6 +1,6 @@
 """How each benchmark's published schema maps to `cppo-eval`'s rows: one adapter per dataset card, plus the option
 parsing they share. An adapter takes (source record, split, position in the split) and returns
-`{"id", "question", "answer", "images", "options"}`; `cppo_trl.benchmarks` turns those into prompted rows.
+`{"id", "question", "answer", "images", "options"}`; `cppo_trl.evaluate.benchmarks` turns those into prompted rows.
 Schemas read from the dataset cards and the official releases (2026-11).
 """
 

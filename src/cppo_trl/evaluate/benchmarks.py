@@ -1,15 +1,15 @@
 """Evaluation benchmarks as a registry: the paper's Table 1 sets, Geometry3K test, the synthetic task, local files.
 
-Every benchmark loads into one row format, a `datasets.Dataset` built by `cppo_trl.data.convert_rows` — so a question
+Every benchmark loads into one row format, a `datasets.Dataset` built by `cppo_trl.data.loaders.convert_rows` — so a question
 is prompted exactly like a training row (its images in place, then the recipe's instruction) and every image is
 checked before any generation starts — with the columns
-- `prompt`, `images`, `solution` (`cppo_trl.data.FEATURES`);
+- `prompt`, `images`, `solution` (`cppo_trl.data.loaders.FEATURES`);
 - `id`: unique within the benchmark (resumption and per-sample seeds key on it);
 - `options`: the option texts in letter order for a multiple-choice question (`[]` when they exist only in the image),
-  None for a free-form one: the `accuracy` reward's multiple-choice switch (`cppo_trl.rewards.choice_matches`).
+  None for a free-form one: the `accuracy` reward's multiple-choice switch (`cppo_trl.data.rewards.choice_matches`).
 
 An entry reads a Hub dataset (`datasets.load_dataset`) or a local copy of the same files (`--benchmark_paths
-name=path`); its `adapt` (`cppo_trl.benchmark_schemas`, one per published schema) maps a source record to (id,
+name=path`); its `adapt` (`cppo_trl.evaluate.schemas`, one per published schema) maps a source record to (id,
 question, answer, images, options). `subset` and `differences` are what the README reports per entry.
 """
 
@@ -24,9 +24,9 @@ from typing import Any
 
 import datasets
 
-from cppo_trl import benchmark_schemas as schemas
-from cppo_trl import data
-from cppo_trl.benchmark_schemas import Record
+from cppo_trl.data import loaders
+from cppo_trl.evaluate import schemas
+from cppo_trl.evaluate.schemas import Record
 
 
 logger = logging.getLogger(__name__)
@@ -202,14 +202,14 @@ def _source_records(benchmark: Benchmark, path: Path | None) -> Iterable[tuple[s
                 datasets.load_dataset(benchmark.hub_id, benchmark.config, split=split)
             )
         elif path.is_file():
-            rows = data._read_records(path)
+            rows = loaders.read_records(path)
         else:
             folder = (
                 path / benchmark.local_subdir
                 if benchmark.local_subdir and (path / benchmark.local_subdir).is_dir()
                 else path
             )
-            rows = [record for file in _split_files(benchmark, folder, split) for record in data._read_records(file)]
+            rows = [record for file in _split_files(benchmark, folder, split) for record in loaders.read_records(file)]
         for index, record in enumerate(rows):
             yield split, index, record
 
@@ -218,7 +218,7 @@ def _split_files(benchmark: Benchmark, folder: Path, split: str) -> list[Path]:
     errors = []
     for prefix in benchmark.split_files.get(split, (split,)):
         try:
-            return data._parquet_split_files(folder, prefix)
+            return loaders.parquet_split_files(folder, prefix)
         except FileNotFoundError as error:
             errors.append(str(error))
     raise FileNotFoundError(f"{benchmark.name}: " + "; ".join(errors))
@@ -259,7 +259,7 @@ def to_dataset(
     if duplicates:
         raise ValueError(f"benchmark {name!r}: duplicate ids {duplicates} (resumption and seeding key on the id)")
     try:
-        return data.convert_rows(
+        return loaders.convert_rows(
             [{**row, "id": str(row["id"])} for row in rows],
             question_column="question",
             answer_column="answer",
@@ -277,7 +277,7 @@ def load_benchmark(
     name: str,
     *,
     path: str | os.PathLike | None = None,
-    prompt_suffix: str | None = data.DEFAULT_PROMPT_SUFFIX,
+    prompt_suffix: str | None = loaders.DEFAULT_PROMPT_SUFFIX,
     max_samples: int | None = None,
 ) -> datasets.Dataset:
     """One registry benchmark, from the Hub or from `path` (a local copy of its files, or one data file)."""
@@ -302,7 +302,7 @@ def load_local_benchmark(
     image_root: str | os.PathLike | None = None,
     id_column: str | None = None,
     options_column: str | None = None,
-    prompt_suffix: str | None = data.DEFAULT_PROMPT_SUFFIX,
+    prompt_suffix: str | None = loaders.DEFAULT_PROMPT_SUFFIX,
     max_samples: int | None = None,
 ) -> datasets.Dataset:
     """A local JSONL / JSON / parquet file with image paths, read with the training loader's column options
@@ -310,7 +310,7 @@ def load_local_benchmark(
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"local benchmark file {path} does not exist")
-    records = data._read_records(path)[:max_samples]
+    records = loaders.read_records(path)[:max_samples]
     wanted = [question_column, answer_column, image_column] + [c for c in (id_column, options_column) if c]
     missing = [column for column in wanted if records and column not in records[0]]
     if missing:

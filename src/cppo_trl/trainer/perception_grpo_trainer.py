@@ -17,9 +17,9 @@ from safetensors import safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from trl import GRPOConfig, GRPOTrainer
 
-from .images import PixelBudget
-from .perception import aggregate_like_policy_loss
-from .views import SampleViews, row_images, view_forward_kwargs, with_prepared_images
+from cppo_trl.core.images import PixelBudget
+from cppo_trl.core.perception import aggregate_like_policy_loss
+from cppo_trl.trainer.views import SampleViews, row_images, view_forward_kwargs, with_prepared_images
 
 
 logger = logging.getLogger(__name__)
@@ -51,15 +51,15 @@ class PerceptionGRPOTrainer(GRPOTrainer):
 
     1. Prompt images are normalised once, before TRL, the views and vLLM see them: 8-bit RGB (`to_rgb`), then resized
        to the processor's own pixel budget (`PixelBudget`), so every consumer computes the same vision-token grid.
-    2. `_attach_views` (a subclass hook) stores per-sample views after rollouts are scored (`cppo_trl.views`).
+    2. `_attach_views` (a subclass hook) stores per-sample views after rollouts are scored (`cppo_trl.trainer.views`).
     3. `anchor_capture()` captures the log-probs/entropies (and hidden states) of TRL's own policy forward in the loss,
        so the original-image pass is never recomputed; `_view_forward` runs the same forward with a view's tensors.
     4. `_aggregate_like_policy_loss` normalises a per-token term exactly like TRL normalises the policy loss for the
        configured `loss_type`, scaled for gradient accumulation the same way.
-    5. Fixes: a text-only prompt in a multimodal batch no longer crashes the processor; a text-only rank no longer
-       deadlocks the others in TRL's image logging; a completion containing an image placeholder token is cut before
-       it; vLLM's prompt ids are checked against the processor's; resuming a transformers-5 VLM checkpoint reloads
-       every weight.
+    5. Fixes to TRL on VLM data: a text-only prompt in a multimodal batch trains (TRL hands the processor `None`); a
+       text-only rank does not deadlock the others in TRL's image logging; a completion containing an image
+       placeholder token is cut before it; vLLM's prompt ids are checked against the processor's; resuming a
+       transformers-5 VLM checkpoint reloads every weight.
 
     Subclasses set `_metric_prefix`, `_config_class` and `_name`, and override `_attach_views` and `_compute_loss`
     (calling `super()`).

@@ -1,4 +1,4 @@
-"""PAPO's masked image: square cells of the raw image blackened at random, each cell independently (SPEC §8).
+"""PAPO's masked image: square cells of the raw image blackened at random, each cell independently (docs/papo.md).
 
 The authors' `random_patch_blackening` (PAPO `verl/trainer/papo_utils.py`) walks a grid of `patch_size` px cells from
 the top-left corner (the last row and column may be partial) and blackens each cell with probability `black_prob`
@@ -30,7 +30,9 @@ def patch_mask(width: int, height: int, patch_size: int, probability: float, see
 def blacken_patches(image: PIL.Image.Image, mask: np.ndarray, patch_size: int) -> PIL.Image.Image:
     """A copy of the RGB `image` with every cell of `mask` that is True set to black (0, 0, 0)."""
     if image.mode != "RGB":
-        raise ValueError(f"blacken_patches expects an RGB image (see cppo_trl.images.to_rgb), got mode {image.mode!r}")
+        raise ValueError(
+            f"blacken_patches expects an RGB image (see cppo_trl.core.images.to_rgb), got mode {image.mode!r}"
+        )
     rows, columns = math.ceil(image.height / patch_size), math.ceil(image.width / patch_size)
     if mask.shape != (rows, columns):
         raise ValueError(f"mask shape {mask.shape} does not match the {rows}x{columns} cells of a {image.size} image")

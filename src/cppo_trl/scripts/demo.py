@@ -1,14 +1,14 @@
 """Offline CPU demo: SFT warm-up, then CPPO through the real training script, then what it changed.
 
-`python -m cppo_trl.demo --out outputs/demo` (`make demo`) runs on a laptop without GPU or network in a few minutes:
+`python -m cppo_trl.scripts.demo --out outputs/demo` (`make demo`) runs on a laptop without GPU or network in a few minutes:
 
 1. builds the tiny random Qwen2.5-VL of `cppo_trl.testing` (cached) and the synthetic perception task of
-   `cppo_trl.data`, whose answers (colour, count, position, digit) can only be read off the image;
+   `cppo_trl.data.synthetic`, whose answers (colour, count, position, digit) can only be read off the image;
 2. warms the policy up with TRL's `SFTTrainer` on question -> `\\boxed{answer}`. Why: a random policy never emits a
    parsable answer, so every rollout of a group scores 0, advantages vanish and the advantage-gated CPL never fires.
    After the warm-up the policy answers in the right format with a guess among a handful of words, so groups mix
    right and wrong rollouts from the first RL step;
-3. trains CPPO with `cppo_trl.cppo.main` on `recipes/tiny/cppo/config_demo_cpu.yaml` (the same script and recipe
+3. trains CPPO with `cppo_trl.scripts.train.main` on `recipes/tiny/cppo/config_demo_cpu.yaml` (the same script and recipe
    format as the paper runs; only `model_name_or_path` and `output_dir` are overridden here);
 4. evaluates held-out accuracy@8 (temperature 1.0, the paper's protocol) before and after, and writes curves, a perception-token page, a perturbation
    sheet and `summary.json` into `--out`.
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEMO_RECIPE = ROOT / "recipes" / "tiny" / "cppo" / "config_demo_cpu.yaml"
 CURVE_METRICS = ("reward", "cppo/cpl_loss", "cppo/selected_token_fraction", "cppo/gated_fraction")
 SUMMARY_KEYS = (
@@ -56,14 +56,14 @@ REWARD_WINDOW = 5
 def parse_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, Any, Any]:
     """Parse a recipe with the training script's own parser for its method (a fresh one: TrlParser writes YAML values
     into its defaults), CLI-style overrides winning, exactly as `cppo-train --config recipe.yaml --flag value` would."""
-    from cppo_trl.cppo import parse_args
+    from cppo_trl.recipe import parse_args
 
     return parse_args(["--config", str(recipe), *overrides])
 
 
 def held_out_split(script_args, seed: int) -> datasets.Dataset:
     """The test split `cppo.main` would build for this recipe (same seed, sizes and prompt): never trained on."""
-    from cppo_trl.cppo import load_split
+    from cppo_trl.data.splits import load_split
 
     return load_split(script_args, script_args.dataset_test_split, seed)
 
@@ -72,7 +72,7 @@ def held_out_split(script_args, seed: int) -> datasets.Dataset:
 def sft_dataset(num_samples: int, seed: int, prompt_suffix: str | None, tasks: Sequence[str]) -> datasets.Dataset:
     """Synthetic rows in TRL's prompt-completion vision format with the completion `\\boxed{<answer>}`; drawn from a
     seed stream other than the RL/held-out one, so warm-up, RL and evaluation images differ."""
-    from cppo_trl.data import make_synthetic_perception_dataset
+    from cppo_trl.data.synthetic import make_synthetic_perception_dataset
 
     rows = make_synthetic_perception_dataset(num_samples, seed=seed, prompt_suffix=prompt_suffix, tasks=tasks)
 
@@ -198,12 +198,12 @@ def per_task_accuracy(records: Sequence[dict], tasks: Sequence[str]) -> dict[str
 
 # ------------------------------------------------------------------------------------------------------ RL
 def run_recipe(recipe: str | Path, output_dir: str | Path, model_path: str | Path, overrides: Sequence[str] = ()):
-    """Train through `cppo_trl.cppo.main` exactly as the CLI would; returns the `log_history` of the run."""
-    from cppo_trl import cppo
+    """Train through `cppo_trl.scripts.train.main` exactly as the CLI would; returns the `log_history` of the run."""
+    from cppo_trl.scripts import train
 
     argv = ["--model_name_or_path", str(model_path), "--output_dir", str(output_dir), *overrides]
     script_args, training_args, model_args = parse_recipe(recipe, argv)
-    cppo.main(script_args, training_args, model_args, recipe=str(recipe))
+    train.main(script_args, training_args, model_args, recipe=str(recipe))
     state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
     return state["log_history"]
 
@@ -224,9 +224,9 @@ def _mean(values: Sequence[float]) -> float:
 
 def plot_curves(log_history: list[dict], path: str | Path) -> Path:
     """One panel per CPPO curve (reward, CPL loss, selected-token and gated fractions) against the step."""
-    from cppo_trl.visualize import _matplotlib
+    from cppo_trl.core.plotting import headless_pyplot
 
-    plt = _matplotlib()
+    plt = headless_pyplot()
     fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4 * len(CURVE_METRICS), 3.2), squeeze=False)
     for ax, key in zip(axes[0], CURVE_METRICS, strict=True):
         steps, values = metric_series(log_history, key)
@@ -269,7 +269,7 @@ def summarize(log_history: list[dict], before: dict, after: dict) -> dict[str, A
 
 # ------------------------------------------------------------------------------------------------------ main
 def build_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cppo_trl.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cppo_trl.scripts.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/demo", help="Folder for the plots, pages, checkpoints and summary.")
     parser.add_argument("--recipe", default=str(DEMO_RECIPE), help="CPPO recipe to train with.")
     parser.add_argument("--quick", action="store_true", help="Tiny SFT/RL budgets (tests): checks the plumbing only.")
@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rl_overrides += ["--synthetic_num_test", "8"]
 
     stages = tqdm(total=6, desc="CPPO demo", unit="stage", file=sys.stdout)
-    from cppo_trl.cppo import resolve_model_path
+    from cppo_trl.testing import resolve_model_path
 
     script_args, training_args, model_args = parse_recipe(args.recipe, rl_overrides)
     base = resolve_model_path("tiny:qwen2_5_vl", script_args.tiny_model_family)
@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stages.update()
 
     stages.set_description("plots")
-    from cppo_trl.visualize import inspect_perception_tokens, perturbation_sheet
+    from cppo_trl.scripts.visualize import inspect_perception_tokens, perturbation_sheet
 
     plot_curves(log_history, out / "training_curves.png")
     row = held_out[0]

@@ -2,8 +2,8 @@
 perception loss and the entropy term), and the aggregation both share.
 
 No trainer state and no model here, so every formula can be checked by hand and with ``gradcheck``.
-Equation numbers refer to the CPPO paper; "released" refers to the authors' verl code (SPEC §5); PAPO's formulas are
-read from its authors' released EasyR1 code (SPEC §8).
+Equation numbers refer to the CPPO paper; "released" refers to the authors' verl code (docs/method.md, paper or released code); PAPO's formulas are
+read from its authors' released EasyR1 code (docs/papo.md).
 
 Precision: every function upcasts bf16/fp16/fp32 inputs to float32 (and keeps float64 as float64, so
 ``gradcheck`` works); log-probabilities come from ``log_softmax`` so logits like ±1e4 stay finite.
@@ -113,7 +113,7 @@ def select_perception_tokens(
     kept and a row may keep more than k tokens (released code's behaviour, used for both scores).
     ``score="raw"`` ranks by ΔH (paper); ``"normalized"`` by relu(ΔH) / (H(I⁻) + 1e-6) (released code).
     ``top_fraction=1.0`` keeps every positive-ΔH completion token, not every token.
-    The mask carries no gradient (SPEC §1): inputs are detached.
+    The mask carries no gradient (paper Eqs. 3-6): inputs are detached.
     """
     top_fraction = float(top_fraction)
     if not 0.0 < top_fraction <= 1.0:  # also rejects NaN
@@ -220,7 +220,7 @@ def contrastive_loss_from_divergences(d_pos: Tensor, d_neg: Tensor, temperature:
 
 
 def papo_token_terms(policy_logps: Tensor, masked_logps: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """PAPO's per-token terms (SPEC §8), each (B, T), as the authors' `dp_actor.update_policy` computes them:
+    """PAPO's per-token terms (docs/papo.md), each (B, T), as the authors' `dp_actor.update_policy` computes them:
 
     - ``kl_prc``: the implicit perception KL, verl ``low_var_kl(log_probs=l, ref_log_probs=a)`` =
       `k3_divergence(l, a)`: x = exp(clamp(a - l, ±20)), x - log x - 1 clamped to [-10, 10], with l the policy's
@@ -258,7 +258,7 @@ def aggregate_like_policy_loss(
 
     `row_sums` (B,) is 0 for rollouts the gate drops; `row_tokens` (B,) counts each rollout's completion tokens |o_i|.
     For CPL with `"grpo"` (and `"sapo"`) this is Eq. 9 literally: (1/B) Σ_i (1/|o_i|) Σ_t m_it ℓ_it; the token-level types
-    divide by completion tokens instead, as the paper's token-mean aggregation does (SPEC §2). Matching TRL's
+    divide by completion tokens instead, as the paper's token-mean aggregation does (paper Eq. 9). Matching TRL's
     normaliser keeps λ's meaning whatever `loss_type` is. Not scaled for gradient accumulation (the caller does it).
     `"dapo"`, `"cispo"` and `"vespo"` need `tokens_per_micro_batch` (TRL: global tokens / processes / steps per
     generation); `"dr_grpo"` needs `max_completion_length`.

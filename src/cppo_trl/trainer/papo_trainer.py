@@ -5,17 +5,17 @@ import textwrap
 import torch
 from trl.models.utils import disable_gradient_checkpointing
 
-from .base_trainer import PerceptionGRPOTrainer
-from .images import to_rgb
-from .masking import blacken_patches, patch_mask
-from .papo_config import PAPOConfig
-from .perception import papo_token_terms
-from .perturbations import sample_key, view_seed
-from .views import SampleViews, ViewImages, build_sample_views
+from cppo_trl.core.images import to_rgb
+from cppo_trl.core.masking import blacken_patches, patch_mask
+from cppo_trl.core.perception import papo_token_terms
+from cppo_trl.core.perturbations import sample_key, view_seed
+from cppo_trl.trainer.papo_config import PAPOConfig
+from cppo_trl.trainer.perception_grpo_trainer import PerceptionGRPOTrainer
+from cppo_trl.trainer.views import SampleViews, ViewImages, build_sample_views
 
 
 MASKED = "masked"
-"""Name of PAPO's one view in `cppo_trl.views.SampleViews`."""
+"""Name of PAPO's one view in `cppo_trl.trainer.views.SampleViews`."""
 MASKED_LOGPS_KEY = "papo_masked_logps"
 """(B, T) log-probs of the sampled tokens with the masked image (NaN for rows without image), in the generation batch."""
 HAS_MASKED_VIEW_KEY = "papo_has_masked_view"
@@ -42,7 +42,7 @@ _STATS = (
 class PAPOTrainer(PerceptionGRPOTrainer):
     """
     Trainer for PAPO (Perception-Aware Policy Optimization): GRPO plus an implicit perception loss, faithful to the
-    authors' released EasyR1 code (SPEC §8).
+    authors' released EasyR1 code (docs/papo.md).
 
     What differs from [`~trl.GRPOTrainer`], on the rails of [`PerceptionGRPOTrainer`] (images normalised to the pixel
     budget, per-sample views, anchor captured):
@@ -160,7 +160,7 @@ class PAPOTrainer(PerceptionGRPOTrainer):
         return loss + papo_loss
 
     def _perception_loss(self, inputs, policy_logps: torch.Tensor, mode: str) -> tuple[torch.Tensor, dict]:
-        """−γ·M[k3(l, a)] + η·M[−l] over the loss tokens, M aggregated like the policy loss (SPEC §8)."""
+        """−γ·M[k3(l, a)] + η·M[−l] over the loss tokens, M aggregated like the policy loss (docs/papo.md)."""
         args = self.args
         mask = self._loss_mask(inputs)  # (B, T)
         masked_logps = inputs.get(MASKED_LOGPS_KEY)

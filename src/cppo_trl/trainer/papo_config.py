@@ -3,8 +3,8 @@
 import math
 from dataclasses import dataclass, field
 
-from .base_config import PerceptionGRPOConfig
-from .perception import POLICY_LOSS_TYPES
+from cppo_trl.core.perception import POLICY_LOSS_TYPES
+from cppo_trl.trainer.perception_grpo_config import PerceptionGRPOConfig
 
 
 @dataclass
@@ -13,7 +13,7 @@ class PAPOConfig(PerceptionGRPOConfig):
     Configuration for [`PAPOTrainer`]: every [`~trl.GRPOConfig`] field plus those below.
 
     Defaults follow the PAPO authors' released PAPO-G configuration (`examples/configs/config_grpo_papo.yaml` and
-    `examples/papo_grpo/qwen2_5_vl_3b_grpo_papo.sh`, SPEC §8). Field names follow TRL's removed experimental
+    `examples/papo_grpo/qwen2_5_vl_3b_grpo_papo.sh`; docs/papo.md). Field names follow TRL's removed experimental
     `PAPOConfig` where the meaning carries over (`perception_loss_weight`, `mask_ratio`, `der_loss_weight1`), so a
     config written for it keeps working; its `der_loss_weight2` and `mask_type` are gone (see the README).
 

@@ -26,14 +26,14 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from cppo_trl import benchmarks as registry
-from cppo_trl import report
-from cppo_trl.generation import Prompt
-from cppo_trl.images import load_processor
+from cppo_trl.core.images import load_processor
+from cppo_trl.evaluate import benchmarks as registry
+from cppo_trl.evaluate import report
+from cppo_trl.evaluate.generation import Prompt
 
 
 if TYPE_CHECKING:
-    from cppo_trl.evaluate import EvalArguments
+    from cppo_trl.evaluate.arguments import EvalArguments
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +170,8 @@ class Runtime:
 
 
 def _prompt(row: Mapping[str, Any], benchmark: str, runtime: Runtime, view: str | None, settings: Settings, seed: int):
-    from cppo_trl.images import prepare_image
-    from cppo_trl.perturbations import apply_perturbation, view_seed
+    from cppo_trl.core.images import prepare_image
+    from cppo_trl.core.perturbations import apply_perturbation, view_seed
 
     key = f"{benchmark}/{row['id']}"
     images = [prepare_image(image, runtime.budget) for image in row["images"]]
@@ -189,7 +189,7 @@ def _prompt(row: Mapping[str, Any], benchmark: str, runtime: Runtime, view: str 
 
 
 def _score(row: Mapping[str, Any], benchmark: str, completions: list[str]) -> dict[str, Any]:
-    from cppo_trl.rewards import accuracy_reward, extract_boxed
+    from cppo_trl.data.rewards import accuracy_reward, extract_boxed
 
     k = len(completions)
     scores = accuracy_reward(completions, solution=[row["solution"]] * k, options=[row["options"]] * k)
@@ -277,8 +277,8 @@ def build_runtime(args: EvalArguments, settings: Settings, loaded: Mapping[str, 
     """Model, processor and backend; data-parallel rank/world from accelerate when launched with it."""
     from accelerate import PartialState
 
-    from cppo_trl import generation
-    from cppo_trl.images import PixelBudget
+    from cppo_trl.core.images import PixelBudget
+    from cppo_trl.evaluate import generation
 
     base, adapter = generation.resolve_model(args.model_name_or_path)
     local = adapter or (base if Path(base).exists() else None)

@@ -55,7 +55,7 @@ PAPER_TABLE6_AVG = {
     "patch_occlusion": 26.3,
     "zoom_crop": 27.3,
 }
-# Audit thresholds in accuracy points (issue 9): a preserving view should cost little, a removing view a lot.
+# Audit thresholds in accuracy points : a preserving view should cost little, a removing view a lot.
 PRESERVING_MAX_DROP = 2.0
 REMOVING_MIN_DROP = 10.0
 CARD_START = "<!-- cppo-eval:start -->"
@@ -225,9 +225,9 @@ def plot_comparison(
     results_list: Sequence[Mapping[str, Any]], titles: Sequence[str], paper_models, path: Path
 ) -> None:
     """Grouped bars per benchmark (and Avg): one bar per run with its std as error bar, paper rows hatched."""
-    from cppo_trl.visualize import _matplotlib
+    from cppo_trl.core.plotting import headless_pyplot
 
-    plt = _matplotlib()
+    plt = headless_pyplot()
     series = []
     for results in results_list:
         by_title = {b["title"]: b for b in results["benchmarks"].values()}
