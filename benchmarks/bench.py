@@ -44,8 +44,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from cppo_trl.trainer.views import with_prepared_images
-
 
 logger = logging.getLogger("cppo_bench")
 
@@ -296,9 +294,9 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
             inputs = cppo._generate_and_score_completions(batch)
         _sync(args.device)
         generation = clock() - start
-        # Naive views for every row, built from the same (RGB-normalised) rows, timed on their own.
+        # Naive views for every row, built from the same rollouts, timed on their own.
         start = clock()
-        naive_views = naive._build_views([with_prepared_images(r, naive._pixel_budget) for r in batch], inputs)
+        naive_views = naive._build_views(cppo._rollouts, inputs)
         naive_build = clock() - start
         f = cppo._cpl_rows(inputs).numel() / inputs["completion_ids"].size(0)
         # PAPO's masked pass on the same scored batch, as `PAPOTrainer._generate_and_score_completions` runs it.
@@ -307,7 +305,7 @@ def bench_size(size: str, args, work_dir: Path) -> dict[str, Any]:
         _sync(args.device)
         start = clock()
         with _timed_method(papo, "_view_forward", forward_sink, clock):
-            papo._attach_views([with_prepared_images(r, papo._pixel_budget) for r in batch], batch, papo_inputs)
+            papo._attach_views(cppo._rollouts, papo_inputs)
         _sync(args.device)
         masked_pass = clock() - start
         start = clock()

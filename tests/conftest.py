@@ -95,6 +95,18 @@ def generation_batch(trainer, num_rows=4):
     return trainer._generate_and_score_completions(rows)
 
 
+def rollout_of(row, tool_images=()):
+    """The `RolloutImages` TRL's rails record for a dataset row (no environment), plus optional tool images."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    from cppo_trl.trainer.views import RolloutImages
+
+    images = list(row["images"])
+    prompt = prepare_multimodal_messages(row["prompt"], images=images)
+    sources = ("dataset",) * len(images) + ("tool",) * len(tool_images)
+    return RolloutImages(images=(*images, *tool_images), sources=sources, prompt=prompt)
+
+
 def loss_and_grads(trainer, inputs):
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, inputs)

@@ -29,6 +29,7 @@ EXPECTED_PAGES = {
     "cost_and_comparison.md",
     "reliability.md",
     "architecture.md",
+    "agents.md",
 }
 SKIP_MARK = "<!-- not run by tests/test_docs.py:"
 EXTERNAL = {"pip", "git", "cp", "huggingface-cli", "trl", "export", "cd", "source"}

@@ -244,7 +244,8 @@ def test_vllm_missing_is_a_clear_error(tiny_qwen, tmp_path, monkeypatch):
 
 def test_vllm_requests(tiny_qwen, tmp_path, monkeypatch):
     """The request vLLM receives (a recording stand-in for the engine): one request per prompt with n = k, a seed
-    per sample, the processor's pixel limits, images already at the budget, tensor parallelism."""
+    per sample, the processor's pixel limits (vLLM's processor resizes with them, as ours does), the dataset's images
+    as they are, tensor parallelism."""
     calls = {}
 
     class LLM:
@@ -274,7 +275,7 @@ def test_vllm_requests(tiny_qwen, tmp_path, monkeypatch):
     assert len(calls["requests"]) == 4 and all(p.n == 3 and p.temperature == 1.0 for p in calls["params"])
     assert all(p.top_k == -1 and p.top_p == 1.0 and p.max_tokens == 4 for p in calls["params"])
     assert len({p.seed for p in calls["params"]}) == 4
-    assert all(r["multi_modal_data"]["image"][0].size == (56, 56) for r in calls["requests"])  # 112 px -> budget
+    assert all(r["multi_modal_data"]["image"][0].size == (112, 112) for r in calls["requests"])  # not pre-resized
     assert all("<|image_pad|>" in r["prompt"] for r in calls["requests"])
     solutions = [r["solution"] for r in results["predictions"]]
     assert results["average"] == pytest.approx(solutions.count("red") / 4)

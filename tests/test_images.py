@@ -1,4 +1,4 @@
-"""Tests for cppo_trl.core.images: to_rgb, and the pixel budget every consumer of a prompt image must agree on."""
+"""Tests for cppo_trl.core.images: to_rgb, and the pixel budget that says what the processor does to an image."""
 
 import io
 import logging
@@ -6,10 +6,9 @@ import logging
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from transformers import AutoProcessor
 
-from cppo_trl.core.images import PixelBudget, load_processor, prepare_image, to_rgb
+from cppo_trl.core.images import PixelBudget, load_processor, to_rgb
 
 
 def _noise_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
@@ -27,39 +26,36 @@ def _encode(processor, image):
     return processor(text=[text], images=[[image]], return_tensors="pt")
 
 
-def test_budget_on_the_image_gives_the_processor_budget_prompt(tiny_vlm):
-    """A 3000x2000 image: the budgeted processor and a default processor (what TRL's colocated vLLM builds) fed the
-    pre-resized image produce the identical prompt; fed the raw image, the default one would not."""
-    path = tiny_vlm("qwen2_5_vl")
-    budgeted = AutoProcessor.from_pretrained(path, **QWEN_BUDGET)
-    default = AutoProcessor.from_pretrained(path, size={"shortest_edge": 3136, "longest_edge": 12845056})  # Qwen's own
-    image = _noise_image(3000, 2000)
-    budget = PixelBudget.from_processor(budgeted)
+def test_budget_predicts_the_processors_own_grid(tiny_vlm):
+    """The budget resizes nothing: it says what the processor will do. For off-grid, oversized and tiny images its
+    token grid is the processor's `image_grid_thw` (merged 2x2), and the processor given the raw image is the one
+    place the image is resized."""
+    processor = AutoProcessor.from_pretrained(tiny_vlm("qwen2_5_vl"), **QWEN_BUDGET)
+    budget = PixelBudget.from_processor(processor)
     assert budget == PixelBudget(factor=28, min_pixels=3136, max_pixels=1003520)
-
-    reference = _encode(budgeted, image)
-    resized = prepare_image(image, budget)
-    assert resized.size == (1204, 812)  # 43 x 29 merged tokens of 28 px: 1247 <= 1280
-    for processor in (budgeted, default):
-        encoded = _encode(processor, resized)
-        assert torch.equal(encoded["input_ids"], reference["input_ids"])
-        assert torch.equal(encoded["image_grid_thw"], reference["image_grid_thw"])
-        # Same pixels up to the resampler (PIL bicubic here, torchvision bicubic in the fast processor).
-        torch.testing.assert_close(encoded["pixel_values"], reference["pixel_values"], atol=0.05, rtol=0)
-    raw_default = _encode(default, image)
-    assert raw_default["input_ids"].shape[1] > reference["input_ids"].shape[1] + 1000  # the bug the budget prevents
-    assert reference["image_grid_thw"].tolist() == [[1, 58, 86]]
+    for size in [(3000, 2000), (17, 900), (28, 28), (1, 1), (1204, 812), (500, 333), (301, 199)]:
+        grid = _encode(processor, _noise_image(*size))["image_grid_thw"][0].tolist()
+        columns, rows = budget.token_grid(*size)
+        assert grid == [1, 2 * rows, 2 * columns], size
+        width, height = budget.target_size(*size)
+        assert (width, height) == (columns * 28, rows * 28) and 3136 <= width * height <= 1003520, size
+    assert budget.token_grid(3000, 2000) == (43, 29)  # 1,247 merged tokens <= 1,280
+    assert budget.processor_kwargs() == {"min_pixels": 3136, "max_pixels": 1003520}
 
 
-def test_fit_is_idempotent_and_on_the_grid():
-    budget = PixelBudget(factor=28, min_pixels=3136, max_pixels=1003520)
-    for size in [(3000, 2000), (17, 900), (28, 28), (1, 1), (1204, 812), (500, 333)]:
-        fitted = budget.fit(_noise_image(*size))
-        width, height = fitted.size
-        assert width % 28 == 0 and height % 28 == 0, size
-        assert 3136 <= width * height <= 1003520, size
-        assert budget.fit(fitted) is fitted  # already on the grid: left as it is
-        assert budget.token_grid(*size) == (width // 28, height // 28)
+def test_resizing_first_is_not_the_processors_resize(tiny_vlm):
+    """Why nothing resizes before the processor: Qwen's resize is not idempotent near its limits. With
+    min_pixels = max_pixels = 112², a 300x200 image becomes 3 x 4 = 12 vision tokens, but the same image resized to
+    that target first becomes 20, so any pre-resize changes the tokens GRPO would see."""
+    processor = AutoProcessor.from_pretrained(
+        tiny_vlm("qwen2_5_vl"), size={"shortest_edge": 112 * 112, "longest_edge": 112 * 112}
+    )
+    budget = PixelBudget.from_processor(processor)
+    image = _noise_image(300, 200)
+    direct = _encode(processor, image)["image_grid_thw"][0]
+    assert int(direct.prod()) // 4 == 12 and budget.token_grid(300, 200) == (4, 3)
+    pre_resized = image.resize(budget.target_size(300, 200), PIL.Image.Resampling.BICUBIC)
+    assert int(_encode(processor, pre_resized)["image_grid_thw"][0].prod()) // 4 == 20
 
 
 def test_budget_from_processors(tiny_vlm):
@@ -86,12 +82,6 @@ def test_load_processor_applies_and_checks_the_limits(tiny_vlm, monkeypatch, cap
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", ignoring_limits)
     with pytest.raises(ValueError, match="did not take the pixel limits .*'max_pixels': 1003520"):
         load_processor(str(tiny_vlm("qwen2_5_vl")), max_pixels=1003520)
-
-
-def test_prepare_image_without_budget_only_converts():
-    image = PIL.Image.new("RGBA", (33, 17), (255, 0, 0, 255))
-    prepared = prepare_image(image, None)
-    assert prepared.mode == "RGB" and prepared.size == (33, 17)
 
 
 # --- to_rgb -----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from conftest import (
     loss_and_grads,
     make_dataset,
     make_trainer,
+    rollout_of,
     textured_image,
 )
 from datasets import Dataset
@@ -147,13 +148,12 @@ def test_masked_logps_are_the_rollout_policy_at_the_rollout_temperature(tiny_qwe
     inputs = generation_batch(trainer)
     stored = inputs[MASKED_LOGPS_KEY]
     assert not stored.requires_grad and inputs[HAS_MASKED_VIEW_KEY].all()
-    row = trainer.train_dataset[0]
-    prepared = trainer._pixel_budget.fit(row["images"][0].convert("RGB"))
     from cppo_trl.core.perturbations import sample_key
     from cppo_trl.trainer.views import prompt_text
 
-    text = prompt_text({**row, "images": [prepared]}, trainer.processing_class)
-    masked = trainer._make_masked_images(row["images"], [prepared], sample_key(text, [prepared])).images[MASKED]
+    rollout = rollout_of(trainer.train_dataset[0])
+    text = prompt_text(rollout.prompt, trainer.processing_class)
+    masked = trainer._make_masked_images(rollout, sample_key(text, rollout.images)).images[MASKED]
     encoded = trainer.processing_class(images=[masked], text=[text], return_tensors="pt")
     completion = inputs["completion_ids"][0][inputs["completion_mask"][0].bool()]
     ids = torch.cat([encoded["input_ids"][0], completion]).unsqueeze(0)
@@ -222,8 +222,8 @@ def test_one_seeded_mask_per_prompt_shared_by_its_rollouts(tiny_qwen, tmp_path, 
     drawn = []
     original = PAPOTrainer._make_masked_images
 
-    def recording(self, raw_images, images, key):
-        out = original(self, raw_images, images, key)
+    def recording(self, rollout, key):
+        out = original(self, rollout, key)
         drawn.append((key, [np.asarray(im) for im in out.images[MASKED]]))
         return out
 
@@ -231,21 +231,22 @@ def test_one_seeded_mask_per_prompt_shared_by_its_rollouts(tiny_qwen, tmp_path, 
     generation_batch(trainer, num_rows=8)  # two prompts, four rollouts each
     assert len(drawn) == 2 and drawn[0][0] != drawn[1][0]  # drawn once per prompt, not per rollout
     key, first = drawn[0]
-    row = trainer.train_dataset[0]
-    prepared = trainer._pixel_budget.fit(row["images"][0].convert("RGB"))
-    again = trainer._make_masked_images(row["images"], [prepared], key).images[MASKED]
+    rollout = rollout_of(trainer.train_dataset[0])
+    again = trainer._make_masked_images(rollout, key).images[MASKED]
     assert np.array_equal(np.asarray(again[0]), first[0])  # a pure function of (seed, step, prompt): resume-safe
     trainer.state.global_step += 1
-    later = trainer._make_masked_images(row["images"], [prepared], key).images[MASKED]
+    later = trainer._make_masked_images(rollout, key).images[MASKED]
     assert not np.array_equal(np.asarray(later[0]), first[0])  # redrawn when the prompt comes back
 
 
 def test_each_image_gets_its_own_mask_on_the_raw_pixels(tiny_qwen, tmp_path):
-    """Two identical 112x112 images (already at the budget, so no resize): each is blackened on its own seeded cells,
-    exactly the cells `patch_mask` draws for (seed, step, key, image index)."""
+    """Two identical 112x112 images: each is blackened on its own seeded cells, exactly the cells `patch_mask` draws
+    for (seed, step, key, image index)."""
     trainer = _papo(tiny_qwen, tmp_path)
     image = textured_image(4)
-    out = trainer._make_masked_images([image, image.copy()], [image, image], b"key")
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]
+    row = {"prompt": [{"role": "user", "content": content}], "images": [image, image.copy()]}
+    out = trainer._make_masked_images(rollout_of(row), b"key")
     prompt_seed = view_seed(trainer.args.seed, trainer.state.global_step, b"key")
     masks = []
     for index, masked in enumerate(out.images[MASKED]):

@@ -69,8 +69,8 @@ def test_mixed_image_counts_each_image_masked(tiny_vlm, tmp_path, monkeypatch, f
     drawn = []
     original = PAPOTrainer._make_masked_images
 
-    def recording(self, raw_images, images, key):
-        out = original(self, raw_images, images, key)
+    def recording(self, rollout, key):
+        out = original(self, rollout, key)
         drawn.append([np.asarray(image) for image in out.images[MASKED]])
         return out
 

@@ -1,10 +1,10 @@
-"""The rails every perception trainer rides on (`PerceptionGRPOTrainer`): one pixel budget for every consumer, occlusion
-aligned with the vision-token grid, and the guard on the prompt ids vLLM generates from."""
+"""The rails every perception trainer rides on (`PerceptionGRPOTrainer`): images reach TRL as the dataset gives them,
+occlusion aligned with the processor's vision-token grid, and the guard on the prompt ids vLLM generates from."""
 
 import numpy as np
 import pytest
 import torch
-from conftest import generation_batch, hashed_reward, make_trainer, textured_image
+from conftest import generation_batch, hashed_reward, make_trainer, rollout_of, textured_image
 from datasets import Dataset
 
 from cppo_trl.core.images import PixelBudget
@@ -17,13 +17,16 @@ def _rows(images, text="What colour is the top left block?"):
     return Dataset.from_list([{"prompt": prompt, "images": [image]} for image in images])
 
 
-def test_images_reach_trl_and_the_views_at_the_budget(tiny_qwen, tmp_path):
-    """A 300x200 image above the tiny processor's 112x112-pixel cap: TRL's grid, the views' grid and the budget's
-    grid are one and the same, because the trainer resizes the image itself before anyone processes it."""
-    trainer = make_trainer(tiny_qwen, tmp_path, dataset=_rows([textured_image(1, 300).resize((300, 200))]))
+def test_images_reach_trl_as_the_dataset_gives_them(tiny_qwen, tmp_path):
+    """A 300x200 image above the tiny processor's 112x112-pixel cap: nothing resizes it before the processor, so TRL's
+    processor, the views and the budget's prediction agree on one grid, the processor's own."""
+    image = textured_image(1, 300).resize((300, 200))
+    trainer = make_trainer(tiny_qwen, tmp_path, dataset=_rows([image]))
     budget = trainer._pixel_budget
     assert budget == PixelBudget(factor=28, min_pixels=784, max_pixels=12544)
     inputs = generation_batch(trainer)
+    assert trainer._rollouts[0].images[0].size == (300, 200) and trainer._rollouts[0].sources == ("dataset",)
+    assert np.array_equal(np.asarray(trainer._rollouts[0].images[0]), np.asarray(image))
     columns, rows = budget.token_grid(300, 200)
     assert inputs["image_grid_thw"].tolist() == [[1, 2 * rows, 2 * columns]] * 4  # 14-px patches, merged 2x2
     view = next(v for v in inputs["cppo_views"] if v is not None)
@@ -31,29 +34,41 @@ def test_images_reach_trl_and_the_views_at_the_budget(tiny_qwen, tmp_path):
         assert view.tensors[name]["image_grid_thw"].tolist() == [[1, 2 * rows, 2 * columns]]
 
 
+def _black_tokens(processor, image) -> list[bool]:
+    """Per merged vision token of the processed image: are at least 90% of its values the normalised black?"""
+    encoded = processor.image_processor(images=[image], return_tensors="pt")
+    mean = torch.tensor(processor.image_processor.image_mean).view(3, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(3, 1)
+    patches = encoded["pixel_values"].view(-1, 4, 3, 2 * 14 * 14)  # (tokens, 2x2 merged patches, C, T*P*P)
+    black = ((patches - (-mean / std)).abs() < 0.05).float().mean(dim=(1, 2, 3))
+    return (black > 0.9).tolist()
+
+
 def test_occlusion_hides_whole_vision_tokens(tiny_qwen, tmp_path):
-    """With the image at its processed size, every 28x28 cell of the removing view is either all black or untouched:
-    a patch is exactly one merged vision token, never a fraction of two."""
-    image = textured_image(2, 300).resize((310, 190))  # neither side a multiple of 28 before the budget
+    """An off-grid 310x190 image: the removing view blackens whole cells of the processor's token grid (in the image's
+    own pixels, each cell all black or untouched), and after the processor's resize each black cell is one black
+    vision token, never a fraction of two."""
+    image = textured_image(2, 300).resize((310, 190))
     trainer = make_trainer(
         tiny_qwen, tmp_path, dataset=_rows([image]), removing_perturbations=["patch_occlusion"], occlusion_ratio=0.5
     )
-    assert trainer._perturbation_params.occlusion_patch_size == 28
-    prepared = trainer._pixel_budget.fit(image)
-    views = trainer._make_view_images([image], [prepared], b"key")
-    removed, original = np.asarray(views.images[REMOVED][0]), np.asarray(prepared)
-    height, width = original.shape[:2]
-    assert height % 28 == 0 and width % 28 == 0
-    cells = [(y, x) for y in range(0, height, 28) for x in range(0, width, 28)]
-    black = [(removed[y : y + 28, x : x + 28] == 0).all() for y, x in cells]
-    untouched = [np.array_equal(removed[y : y + 28, x : x + 28], original[y : y + 28, x : x + 28]) for y, x in cells]
+    assert trainer._align_occlusion
+    views = trainer._make_view_images(rollout_of({"prompt": _rows([image])[0]["prompt"], "images": [image]}), b"key")
+    removed, original = np.asarray(views.images[REMOVED][0]), np.asarray(image)
+    columns, rows = trainer._pixel_budget.token_grid(310, 190)
+    xs = [round(c * 310 / columns) for c in range(columns + 1)]
+    ys = [round(r * 190 / rows) for r in range(rows + 1)]
+    cells = [(slice(ys[r], ys[r + 1]), slice(xs[c], xs[c + 1])) for r in range(rows) for c in range(columns)]
+    black = [(removed[cell] == 0).all() for cell in cells]
+    untouched = [np.array_equal(removed[cell], original[cell]) for cell in cells]
     assert all(b or u for b, u in zip(black, untouched, strict=True))
     assert sum(black) == round(0.5 * len(cells))
+    assert sum(_black_tokens(trainer.processing_class, views.images[REMOVED][0])) == sum(black)
 
 
 def test_explicit_occlusion_patch_size_wins(tiny_qwen, tmp_path):
     trainer = make_trainer(tiny_qwen, tmp_path, occlusion_patch_size=14)
-    assert trainer._perturbation_params.occlusion_patch_size == 14
+    assert trainer._perturbation_params.occlusion_patch_size == 14 and not trainer._align_occlusion
 
 
 class FakeVLLM:

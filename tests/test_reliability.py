@@ -117,7 +117,7 @@ def test_processor_changing_token_count_under_a_view_raises_clear_error(tiny_vlm
 
     monkeypatch.setattr("cppo_trl.trainer.cppo_trainer.make_views_for_sample", tagged)
     trainer.processing_class = _TokenChangingProcessor(trainer.processing_class)
-    with pytest.raises(ValueError, match=r"prompt tokens for the preserved view but \d+ for the original image"):
+    with pytest.raises(ValueError, match=r"prompt tokens for the preserved view but \d+ for the original images"):
         generation_batch(trainer)
 
 
@@ -367,8 +367,8 @@ def test_same_seed_same_views(tiny_vlm, tmp_path, monkeypatch):
     original = CPPOTrainer._build_views
     run = "a"
 
-    def build(self, inputs, output):
-        views = original(self, inputs, output)
+    def build(self, rollouts, output):
+        views = original(self, rollouts, output)
         recorded[run].append([None if v is None else v.tensors["removed"]["pixel_values"].clone() for v in views])
         recorded[run].append([None if v is None else v.tensors["preserved"]["pixel_values"].clone() for v in views])
         return views

@@ -135,7 +135,7 @@ def test_views_are_per_prompt_deterministic_and_survive_shuffle(tiny_qwen, tmp_p
     inputs = generation_batch(trainer, num_rows=8)  # two prompts, four rollouts each
     views = inputs[VIEWS_KEY]
     assert views[0] is views[3] and views[4] is views[7] and views[0] is not views[4]
-    again = trainer._build_views([trainer.train_dataset[i // 4] for i in range(8)], inputs)
+    again = trainer._build_views(trainer._rollouts, inputs)
     for a, b in zip(views, again, strict=True):
         assert torch.equal(a.tensors["removed"]["pixel_values"], b.tensors["removed"]["pixel_values"])
     assert not torch.equal(views[0].tensors["removed"]["pixel_values"], views[0].tensors["preserved"]["pixel_values"])

@@ -25,8 +25,8 @@ from cppo_trl import CPPOConfig, CPPOTrainer, PAPOConfig, PAPOTrainer  # noqa: E
 def _hashing(make, trainer, hashes: dict[str, list[str]]):
     """Wraps a view maker to record a hash of the images it draws, per (step, prompt key)."""
 
-    def recording(raw_images, images, key):
-        views = make(raw_images, images, key)
+    def recording(rollout, key):
+        views = make(rollout, key)
         digest = hashlib.sha256()
         for which in sorted(views.images):
             for image in views.images[which]:

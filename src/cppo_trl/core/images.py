@@ -1,10 +1,11 @@
-"""Prompt images as every consumer must see them: 8-bit RGB, and resized once to the model's pixel budget.
+"""Images as every consumer must receive them: 8-bit RGB (`to_rgb`), and the pixel budget that sizes them.
 
-Why here and not in the processor: the transformers processor, TRL's colocated vLLM (which builds its own processor
-with the checkpoint's defaults), the CPPO/PAPO views and the evaluator each resize an image on their own. When only one
-of them is told the recipe's `max_pixels`, they compute different image-token counts for any image above the cap
-(crashes or silently corrupted prompts). Resizing the image itself to the processor's grid first makes every later
-resize the identity, so all consumers agree on the pixels and on the vision-token grid.
+The resize itself is left to the processor, the one place that does it for training: a resize of our own, however
+close, is not the processor's (another filter gives other pixels, and Qwen's `smart_resize` is not idempotent near its
+limits: with `min_pixels = max_pixels = 112²` a 300x200 image gets 12 vision tokens from the processor but 20 once
+resized to its own target first), and GRPO on the same data would then see other images. So `PixelBudget` only says
+what the processor will do (target size, token grid) and hands the same limits to the other consumers: vLLM
+(`mm_processor_kwargs`) and the views (occlusion cells on the token grid).
 """
 
 from __future__ import annotations
@@ -102,17 +103,9 @@ class PixelBudget:
         new_width, new_height = self.target_size(width, height)
         return new_width // self.factor, new_height // self.factor
 
-    def fit(self, image: PIL.Image.Image) -> PIL.Image.Image:
-        """The image resized to its processed size (bicubic, as the Qwen processors and `qwen_vl_utils` resample), so
-        that any processor with this budget or a larger one leaves it as it is."""
-        size = self.target_size(*image.size)
-        return image if size == image.size else image.resize(size, PIL.Image.Resampling.BICUBIC)
-
-
-def prepare_image(image: PIL.Image.Image, budget: PixelBudget | None) -> PIL.Image.Image:
-    """8-bit RGB (see `to_rgb`), then resized to the budget when there is one."""
-    rgb = to_rgb(image)
-    return rgb if budget is None else budget.fit(rgb)
+    def processor_kwargs(self) -> dict[str, int]:
+        """The limits as vLLM's processor takes them (`mm_processor_kwargs`), so it resizes exactly like ours."""
+        return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
 
 
 def load_processor(

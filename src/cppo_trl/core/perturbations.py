@@ -33,6 +33,8 @@ PRESERVING_PERTURBATIONS: tuple[str, ...] = (
 REMOVING_PERTURBATIONS: tuple[str, ...] = ("patch_occlusion", "zoom_crop", "noise_rectangles")
 
 _MAX_SEED = 2**63 - 1
+# (columns, rows) of the vision tokens an image becomes (`cppo_trl.core.images.PixelBudget.token_grid`).
+TokenGrid = tuple[int, int]
 
 
 def _is_number(value: object) -> bool:
@@ -178,23 +180,34 @@ def _randint(low: int, high: int, generator: torch.Generator) -> int:
     return int(torch.randint(low, high, (1,), generator=generator))
 
 
-def _patch_occlusion(img: torch.Tensor, params: PerturbationParams, generator: torch.Generator) -> torch.Tensor:
-    """Black out round(ratio * n) grid patches.
+def _patch_occlusion(
+    img: torch.Tensor, params: PerturbationParams, generator: torch.Generator, token_grid: TokenGrid | None = None
+) -> torch.Tensor:
+    """Black out round(ratio * n) of the image's n cells, chosen uniformly.
 
-    Border patches are partial; an image smaller than a patch is a single patch. At least one patch is masked, so
-    the removing view never degenerates to the original (e.g. ratio 0.3 on a 1-patch image).
+    With a `token_grid` (columns, rows of the vision tokens the processor will cut the image into), the cells are the
+    image regions those tokens cover, `[round(k * W / cols), round((k + 1) * W / cols))` along each side: after the
+    processor's own resize each masked cell lands on one token (up to the resampling kernel's pixel at its edges).
+    Without one, the cells are `occlusion_patch_size` squares from the top-left corner, border cells partial. At
+    least one cell is masked, so the removing view never degenerates to the original.
     """
     _, height, width = img.shape
-    size = params.occlusion_patch_size
-    rows, cols = math.ceil(height / size), math.ceil(width / size)
-    n_patches = rows * cols
-    n_masked = max(1, math.floor(params.occlusion_ratio * n_patches + 0.5))  # half-up, not banker's rounding
-    chosen = torch.randperm(n_patches, generator=generator)[:n_masked]
-    grid = torch.zeros(n_patches, dtype=torch.bool)
-    grid[chosen] = True
-    mask = grid.view(rows, cols).repeat_interleave(size, 0).repeat_interleave(size, 1)[:height, :width]
+    if token_grid is None:
+        size = params.occlusion_patch_size
+        cols, rows = math.ceil(width / size), math.ceil(height / size)
+        x_edges = [min(width, c * size) for c in range(cols + 1)]
+        y_edges = [min(height, r * size) for r in range(rows + 1)]
+    else:
+        cols, rows = token_grid
+        x_edges = [round(c * width / cols) for c in range(cols + 1)]
+        y_edges = [round(r * height / rows) for r in range(rows + 1)]
+    n_cells = rows * cols
+    n_masked = max(1, math.floor(params.occlusion_ratio * n_cells + 0.5))  # half-up, not banker's rounding
+    chosen = torch.randperm(n_cells, generator=generator)[:n_masked].tolist()
     out = img.clone()
-    out[:, mask] = 0
+    for cell in chosen:
+        row, col = divmod(cell, cols)
+        out[:, y_edges[row] : y_edges[row + 1], x_edges[col] : x_edges[col + 1]] = 0
     return out
 
 
@@ -308,18 +321,27 @@ _TRANSFORMS: dict[str, Callable[[torch.Tensor, PerturbationParams, torch.Generat
 
 
 def apply_perturbation(
-    image: PIL.Image.Image, name: str, params: PerturbationParams, generator: torch.Generator
+    image: PIL.Image.Image,
+    name: str,
+    params: PerturbationParams,
+    generator: torch.Generator,
+    token_grid: TokenGrid | None = None,
 ) -> PIL.Image.Image:
     """Apply ONE named transform to an RGB image (call `to_rgb` first); the result is RGB of the same size.
 
     The size is checked because a changed size would change the number of image tokens between anchor and view.
+    `token_grid` (the image's vision-token columns and rows) aligns `patch_occlusion` to the tokens.
     """
     if not isinstance(image, PIL.Image.Image) or image.mode != "RGB":
         mode = image.mode if isinstance(image, PIL.Image.Image) else type(image).__name__
         raise ValueError(f"apply_perturbation expects an RGB PIL image (use to_rgb), got {mode}")
     if name not in _TRANSFORMS:
         raise ValueError(f"unknown perturbation {name!r}; valid names: {', '.join(_TRANSFORMS)}")
-    out = F.to_pil_image(_TRANSFORMS[name](F.pil_to_tensor(image), params, generator))
+    tensor = F.pil_to_tensor(image)
+    if name == "patch_occlusion":
+        out = F.to_pil_image(_patch_occlusion(tensor, params, generator, token_grid))
+    else:
+        out = F.to_pil_image(_TRANSFORMS[name](tensor, params, generator))
     if out.size != image.size or out.mode != "RGB":
         raise RuntimeError(f"{name} produced a {out.mode} {out.size} image from an RGB {image.size} one")
     return out
@@ -335,7 +357,9 @@ class ImageViews:
     removing_name: str
 
 
-def make_views(image: PIL.Image.Image, params: PerturbationParams, seed: int) -> ImageViews:
+def make_views(
+    image: PIL.Image.Image, params: PerturbationParams, seed: int, token_grid: TokenGrid | None = None
+) -> ImageViews:
     """Draw one transform uniformly from each set with a generator seeded by `seed`, and apply it.
 
     Each view gets its own sub-seed, so neither view depends on how many random numbers the other transform
@@ -348,15 +372,33 @@ def make_views(image: PIL.Image.Image, params: PerturbationParams, seed: int) ->
     preserving_seed, removing_seed = torch.randint(0, _MAX_SEED, (2,), generator=generator).tolist()
     return ImageViews(
         preserved=apply_perturbation(rgb, preserving_name, params, torch.Generator().manual_seed(preserving_seed)),
-        removed=apply_perturbation(rgb, removing_name, params, torch.Generator().manual_seed(removing_seed)),
+        removed=apply_perturbation(
+            rgb, removing_name, params, torch.Generator().manual_seed(removing_seed), token_grid
+        ),
         preserving_name=preserving_name,
         removing_name=removing_name,
     )
 
 
 def make_views_for_sample(
-    images: Sequence[PIL.Image.Image], params: PerturbationParams, base_seed: int, step: int, key: bytes
+    images: Sequence[PIL.Image.Image],
+    params: PerturbationParams,
+    base_seed: int,
+    step: int,
+    key: bytes,
+    token_grids: Sequence[TokenGrid | None] | None = None,
+    image_keys: Sequence[int] | None = None,
 ) -> list[ImageViews]:
-    """Views for every image of one prompt; each image gets its own seed from (base_seed, step, key, index)."""
+    """Views for several images of one sample; image i is seeded by (base_seed, step, key, image_keys[i]).
+
+    `image_keys` defaults to the image's index, so a prompt's images get the same views in all its rollouts; a caller
+    seeds an image that differs between rollouts (a tool's answer) by its content instead. `token_grids` aligns each
+    image's occlusion cells to its vision tokens.
+    """
     prompt_seed = view_seed(base_seed, step, key)
-    return [make_views(image, params, view_seed(prompt_seed, index, b"image")) for index, image in enumerate(images)]
+    image_keys = range(len(images)) if image_keys is None else image_keys
+    token_grids = [None] * len(images) if token_grids is None else token_grids
+    return [
+        make_views(image, params, view_seed(prompt_seed, image_key, b"image"), grid)
+        for image, image_key, grid in zip(images, image_keys, token_grids, strict=True)
+    ]

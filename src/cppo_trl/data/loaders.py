@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from huggingface_hub import snapshot_download
 from PIL import Image as PILImage
 
-from cppo_trl.core.images import PixelBudget, prepare_image
+from cppo_trl.core.images import to_rgb
 
 
 logger = logging.getLogger(__name__)
@@ -487,17 +487,16 @@ def prompt_token_counts(
 ) -> list[int]:
     """Tokens of every row's prompt exactly as the trainer feeds it to the model, image tokens included.
 
-    Images go through `prepare_image` with the processor's own pixel budget (`PixelBudget.from_processor`), as the
-    trainer prepares them, and the prompt is rendered the way TRL 1.16's `_tokenize_prompts` does it
+    Images go through `to_rgb` as the trainer's do, and the processor (with the recipe's pixel budget) resizes them as
+    it does in training; the prompt is rendered the way TRL 1.16's `_tokenize_prompts` does it
     (`prepare_multimodal_messages`, then `processor.apply_chat_template(..., add_generation_prompt=True)`).
     """
     from trl.data_utils import prepare_multimodal_messages
 
-    budget = PixelBudget.from_processor(processor)
     template_kwargs = dict(chat_template_kwargs or {})
 
     def count(row: dict[str, Any]) -> dict[str, int]:
-        images = [prepare_image(image, budget) for image in row.get("images") or []]
+        images = [to_rgb(image) for image in row.get("images") or []]
         messages = prepare_multimodal_messages(row["prompt"], images=images)
         encoded = processor.apply_chat_template(
             conversation=[messages], add_generation_prompt=True, tokenize=True, return_dict=True, **template_kwargs

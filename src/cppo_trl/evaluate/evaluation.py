@@ -49,8 +49,9 @@ def resolve_settings(args: EvalArguments) -> Settings:
                 ]
             )
         params, data_seed = training_args.perturbation_params, training_args.seed
+        align_occlusion = getattr(training_args, "occlusion_patch_size", None) is None
     else:
-        script_args, params, data_seed = CPPOScriptArguments(), PerturbationParams(), 42
+        script_args, params, data_seed, align_occlusion = CPPOScriptArguments(), PerturbationParams(), 42, True
     suffix = args.prompt_suffix if args.prompt_suffix is not None else script_args.prompt_suffix
     return Settings(
         prompt_suffix=DEFAULT_PROMPT_SUFFIX if suffix is None else suffix,
@@ -59,6 +60,7 @@ def resolve_settings(args: EvalArguments) -> Settings:
         perturbation_params=params,
         script_args=script_args,
         data_seed=data_seed,
+        align_occlusion=align_occlusion,
     )
 
 

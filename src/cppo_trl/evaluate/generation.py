@@ -4,9 +4,9 @@
 - `VLLMBackend` (`--backend vllm`): one request per prompt with `SamplingParams(n=k)`, tensor parallel on one node;
   `vllm` is imported only when this backend is built.
 
-Both receive images already passed through `cppo_trl.core.images.prepare_image` with the processor's pixel budget (the
-processor is loaded with the recipe's `min_pixels`/`max_pixels`, also handed to vLLM as `mm_processor_kwargs`), so
-every image reaches the model at the training resolution.
+Both receive images in RGB (`cppo_trl.core.images.to_rgb`) and resize them with the recipe's pixel budget: the
+processor is loaded with its `min_pixels`/`max_pixels`, which vLLM also gets as `mm_processor_kwargs`, so every image
+reaches the model at the training resolution.
 
 Reproducibility: the k draws of a sample depend only on (seed, sample key), never on which other samples share its
 batch or process. vLLM gets a per-request seed; for transformers, `PerSampleSampler` draws each row's token by the

@@ -52,6 +52,7 @@ class Settings:
     perturbation_params: Any
     script_args: Any  # CPPOScriptArguments, for the synthetic task
     data_seed: int
+    align_occlusion: bool = True  # occlusion cells on the vision-token grid, as the trainer draws them by default
 
 
 def _scan(file: Path) -> Iterator[tuple[bytes, dict[str, Any]]]:
@@ -170,18 +171,20 @@ class Runtime:
 
 
 def _prompt(row: Mapping[str, Any], benchmark: str, runtime: Runtime, view: str | None, settings: Settings, seed: int):
-    from cppo_trl.core.images import prepare_image
+    from cppo_trl.core.images import to_rgb
     from cppo_trl.core.perturbations import apply_perturbation, view_seed
 
     key = f"{benchmark}/{row['id']}"
-    images = [prepare_image(image, runtime.budget) for image in row["images"]]
+    images = [to_rgb(image) for image in row["images"]]
     if view is not None:
+        aligned = settings.align_occlusion and runtime.budget is not None
         images = [
             apply_perturbation(
                 image,
                 view,
                 settings.perturbation_params,
                 torch.Generator().manual_seed(view_seed(seed, 0, f"{key}/{index}")),
+                runtime.budget.token_grid(*image.size) if aligned else None,
             )
             for index, image in enumerate(images)
         ]

@@ -30,7 +30,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
-from cppo_trl.core.images import PixelBudget, prepare_image, to_rgb
+from cppo_trl.core.images import PixelBudget, to_rgb
 from cppo_trl.core.perception import entropy_from_logits, perception_token_count, select_perception_tokens
 from cppo_trl.core.perturbations import (
     PRESERVING_PERTURBATIONS,
@@ -202,7 +202,8 @@ def inspect_perception_tokens(
     same draw the trainer makes for that seed. Without `completion_text`, a greedy completion is generated first.
     """
     model, processor = _load(model_path_or_trainer_output_dir)
-    rgb = prepare_image(image, PixelBudget.from_processor(processor))  # the size the trainer's views are drawn at
+    rgb = to_rgb(image)  # views are drawn before the processor's resize, as the trainer draws them
+    budget = PixelBudget.from_processor(processor)
     params = params or PerturbationParams()
     text = _prompt_text(processor, prompt_text)
     if completion_text is None:
@@ -213,7 +214,7 @@ def inspect_perception_tokens(
         ids = processor.tokenizer(completion_text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if ids.numel() == 0:
         raise ValueError("the completion is empty: nothing to inspect (pass --completion)")
-    views = make_views(rgb, params, seed)
+    views = make_views(rgb, params, seed, None if budget is None else budget.token_grid(*rgb.size))
     anchor = _teacher_forced_entropy(model, processor, text, rgb, ids)
     removed = _teacher_forced_entropy(model, processor, text, views.removed, ids)
     mask = torch.ones_like(anchor, dtype=torch.bool)

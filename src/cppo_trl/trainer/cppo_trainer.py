@@ -1,6 +1,5 @@
 """`CPPOTrainer`: TRL's `GRPOTrainer` plus the Contrastive Perception Loss, on the shared perception rails."""
 
-import dataclasses
 import logging
 import textwrap
 from contextlib import nullcontext
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from cppo_trl.core.images import to_rgb
 from cppo_trl.core.perception import (
     POLICY_LOSS_TYPES,
     contrastive_loss_from_divergences,
@@ -17,10 +17,10 @@ from cppo_trl.core.perception import (
     k3_divergence,
     select_perception_tokens,
 )
-from cppo_trl.core.perturbations import make_views_for_sample, sample_key
+from cppo_trl.core.perturbations import make_views_for_sample
 from cppo_trl.trainer.cppo_config import CPPOConfig
 from cppo_trl.trainer.perception_grpo_trainer import AnchorCapture, PerceptionGRPOTrainer, ViewPass, _completion_hidden
-from cppo_trl.trainer.views import ViewImages, build_sample_views
+from cppo_trl.trainer.views import RolloutImages, ViewImages, build_sample_views
 
 
 logger = logging.getLogger(__name__)
@@ -52,10 +52,11 @@ class CPPOTrainer(PerceptionGRPOTrainer):
     What differs from [`~trl.GRPOTrainer`] (equation numbers of the CPPO paper), on the rails of
     [`PerceptionGRPOTrainer`] (images normalised to the pixel budget, views stored per sample, anchor captured):
 
-    1. After rollouts are scored, every prompt with at least one rollout that the gate keeps (advantage > 0, Eq. 10)
-       gets one information-preserving view I⁺ and one information-removing view I⁻ per image, shared by its
-       rollouts and derived from (seed, step, prompt) so resume and every rank reproduce them. Occlusion patches are
-       one merged vision token of the processor's grid (the image is already at its processed size).
+    1. After rollouts are scored, every rollout that the gate keeps (advantage > 0, Eq. 10) gets one
+       information-preserving view I⁺ and one information-removing view I⁻ of each image its policy saw (`view_images`:
+       all of them, tool and environment images included, or only the prompt's). A prompt's images get the same views
+       in all its rollouts, derived from (seed, step, prompt) so resume and every rank reproduce them; a tool's image
+       is seeded by its content. Occlusion cells are the image regions that become one vision token.
     2. The policy forward of TRL's loss is the anchor: its log-probs and entropies (and its last hidden states when
        `cpl_divergence="full"`) are captured, never recomputed. Only gated rows get the two extra passes: I⁻ gives
        the entropy shift ΔH and the top-K perception tokens (Eqs. 3-6), I⁺ the positive; the InfoNCE loss (Eq. 7) on
@@ -93,7 +94,7 @@ class CPPOTrainer(PerceptionGRPOTrainer):
                 f"loss_type={args.loss_type!r} is not supported by CPPOTrainer; use one of {POLICY_LOSS_TYPES}."
             )
 
-    def __init__(self, model, reward_funcs, args: CPPOConfig | None = None, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: CPPOConfig | None = None, **kwargs):
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         args = self.args  # the default config when `args` was None
         sharded = is_deepspeed_zero3_enabled() or self.is_fsdp_enabled
@@ -109,37 +110,47 @@ class CPPOTrainer(PerceptionGRPOTrainer):
                 "DDP / ZeRO-2 (recipes/accelerate_configs/zero2.yaml)."
             )
         self._perturbation_params = args.perturbation_params
-        if args.occlusion_patch_size is None and self._pixel_budget is not None:
-            # Images arrive at their processed size, so a patch of one merged token's side, on a grid from the
-            # top-left corner, hides exactly one vision token.
-            self._perturbation_params = dataclasses.replace(
-                self._perturbation_params, occlusion_patch_size=self._pixel_budget.factor
-            )
+        # Without an explicit patch size, occlusion cells are the regions the processor turns into one vision token.
+        self._align_occlusion = args.occlusion_patch_size is None and self._pixel_budget is not None
         self._logit_scale, self._logit_softcap = _logit_transform(self._policy_lm(self.model).config)
 
     # ------------------------------------------------------------------ views at rollout time
-    def _attach_views(self, inputs, raw_inputs, output) -> None:
+    def _attach_views(self, rollouts, output) -> None:
         if self.args.cpl_weight > 0:
-            output[VIEWS_KEY] = self._build_views(inputs, output)
+            output[VIEWS_KEY] = self._build_views(rollouts, output)
 
-    def _build_views(self, inputs: list[dict], output: dict) -> list:
-        """Per rollout: the processed I⁺ and I⁻ of its prompt (`SampleViews`), or None if it gets no CPL."""
+    def _build_views(self, rollouts: list[RolloutImages], output: dict) -> list:
+        """Per rollout: the processed I⁺ and I⁻ of every image it saw (`SampleViews`), or None if it gets no CPL."""
         return build_sample_views(
-            inputs,
-            inputs,  # CPPO's views are drawn on the prepared image, as the released code draws them after resizing
+            rollouts,
             output,
             self._gate(output["advantages"]).tolist(),
             self._make_view_images,
             self.processing_class,
-            sample_key,
-            tools=self.tools,
+            self._image_processor_only,
+            self.args.view_images,
             **self.chat_template_kwargs,
         )
 
-    def _make_view_images(self, raw_images, images, key: bytes) -> ViewImages:
-        drawn = make_views_for_sample(images, self._perturbation_params, self.args.seed, self.state.global_step, key)
+    def _make_view_images(self, rollout: RolloutImages, key: bytes) -> ViewImages:
+        """I⁺ and I⁻ of the rollout: each image `view_images` selects replaced by its views, the others kept."""
+        indices = [i for i, perturbed in enumerate(rollout.perturbed(self.args.view_images)) if perturbed]
+        images = [to_rgb(rollout.images[i]) for i in indices]
+        grids = [self._pixel_budget.token_grid(*image.size) if self._align_occlusion else None for image in images]
+        drawn = make_views_for_sample(
+            images,
+            self._perturbation_params,
+            self.args.seed,
+            self.state.global_step,
+            key,
+            token_grids=grids,
+            image_keys=[rollout.image_key(i) for i in indices],
+        )
+        preserved, removed = list(rollout.images), list(rollout.images)
+        for index, views in zip(indices, drawn, strict=True):
+            preserved[index], removed[index] = views.preserved, views.removed
         return ViewImages(
-            images={PRESERVED: [v.preserved for v in drawn], REMOVED: [v.removed for v in drawn]},
+            images={PRESERVED: preserved, REMOVED: removed},
             transforms=[(v.preserving_name, v.removing_name) for v in drawn],
         )
 

@@ -8,10 +8,10 @@ from trl.models.utils import disable_gradient_checkpointing
 from cppo_trl.core.images import to_rgb
 from cppo_trl.core.masking import blacken_patches, patch_mask
 from cppo_trl.core.perception import papo_token_terms
-from cppo_trl.core.perturbations import sample_key, view_seed
+from cppo_trl.core.perturbations import view_seed
 from cppo_trl.trainer.papo_config import PAPOConfig
 from cppo_trl.trainer.perception_grpo_trainer import PerceptionGRPOTrainer
-from cppo_trl.trainer.views import SampleViews, ViewImages, build_sample_views
+from cppo_trl.trainer.views import RolloutImages, SampleViews, ViewImages, build_sample_views
 
 
 MASKED = "masked"
@@ -44,13 +44,14 @@ class PAPOTrainer(PerceptionGRPOTrainer):
     Trainer for PAPO (Perception-Aware Policy Optimization): GRPO plus an implicit perception loss, faithful to the
     authors' released EasyR1 code (docs/papo.md).
 
-    What differs from [`~trl.GRPOTrainer`], on the rails of [`PerceptionGRPOTrainer`] (images normalised to the pixel
-    budget, per-sample views, anchor captured):
+    What differs from [`~trl.GRPOTrainer`], on the rails of [`PerceptionGRPOTrainer`] (images in RGB, per-rollout
+    views of every image the policy saw, anchor captured):
 
-    1. After rollouts are scored, every prompt's raw image (RGB, before the pixel budget resizes it) is masked: a grid
-       of `mask_patch_size` px cells, each blackened with probability `mask_ratio`; one mask per prompt, shared by its
-       rollouts and seeded from (seed, step, prompt, image index), so it is redrawn when the prompt comes back and a
-       resumed run or another rank rebuilds it. The masked image is then fitted to the same budget.
+    1. After rollouts are scored, each image a rollout saw (`view_images`: all, tool and environment images
+       included, or only the prompt's) is masked before the processor resizes it, as the authors mask the raw image:
+       a grid of `mask_patch_size` px cells, each blackened with probability `mask_ratio`. A prompt's images get one
+       mask shared by its rollouts, seeded from (seed, step, prompt, image index), so it is redrawn when the prompt
+       comes back and a resumed run or another rank rebuilds it; a tool's image is seeded by its content.
     2. Still at rollout time, once per generation batch, without gradient and with the pre-update policy at the
        rollout temperature, one batched teacher-forced pass gives the masked log-prob a_t of every sampled token
        (`per_device_train_batch_size` rows at a time, like TRL's own old-log-prob pass). Only a_t is kept, as a
@@ -87,24 +88,23 @@ class PAPOTrainer(PerceptionGRPOTrainer):
             }"""),
     }
 
-    def __init__(self, model, reward_funcs, args: PAPOConfig | None = None, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: PAPOConfig | None = None, **kwargs):
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self._cell_counts = [0, 0]  # blackened, total: over the distinct images of the batch being masked
 
     # ------------------------------------------------------------------ the masked pass at rollout time
-    def _attach_views(self, inputs, raw_inputs, output) -> None:
+    def _attach_views(self, rollouts, output) -> None:
         if self.args.perception_loss_weight == 0:
             return  # η alone reads only the policy's own log-probs
         self._cell_counts = [0, 0]
         views = build_sample_views(
-            inputs,
-            raw_inputs,  # the authors mask the raw image, before it is resized
+            rollouts,
             output,
-            [True] * len(inputs),
+            [True] * len(rollouts),
             self._make_masked_images,
             self.processing_class,
-            sample_key,
-            tools=self.tools,
+            self._image_processor_only,
+            self.args.view_images,
             **self.chat_template_kwargs,
         )
         output[MASKED_LOGPS_KEY], output[HAS_MASKED_VIEW_KEY] = self._masked_logps(output, views)
@@ -112,24 +112,27 @@ class PAPOTrainer(PerceptionGRPOTrainer):
         for key, count in zip(MASK_CELLS_KEYS, self._cell_counts, strict=True):
             output[key] = torch.tensor(float(count), device=device)
 
-    def _make_masked_images(self, raw_images, images, key: bytes) -> ViewImages:
-        """Per image of one prompt: the raw image in RGB, masked, then fitted to the pixel budget like `images` were."""
+    def _make_masked_images(self, rollout: RolloutImages, key: bytes) -> ViewImages:
+        """The rollout's images with each one `view_images` selects masked as the authors mask the raw image (in RGB,
+        before the processor resizes it); the others kept."""
         prompt_seed = view_seed(self.args.seed, self.state.global_step, key)
-        masked = []
-        for index, raw in enumerate(raw_images):
-            rgb = to_rgb(raw)
+        masked, count = list(rollout.images), 0
+        for index, perturbed in enumerate(rollout.perturbed(self.args.view_images)):
+            if not perturbed:
+                continue
+            rgb = to_rgb(rollout.images[index])
             cells = patch_mask(
                 rgb.width,
                 rgb.height,
                 self.args.mask_patch_size,
                 self.args.mask_ratio,
-                view_seed(prompt_seed, index, b"papo-mask"),
+                view_seed(prompt_seed, rollout.image_key(index), b"papo-mask"),
             )
             self._cell_counts[0] += int(cells.sum())
             self._cell_counts[1] += cells.size
-            view = blacken_patches(rgb, cells, self.args.mask_patch_size)
-            masked.append(view if self._pixel_budget is None else self._pixel_budget.fit(view))
-        return ViewImages(images={MASKED: masked}, transforms=[("patch_blackening",)] * len(masked))
+            masked[index] = blacken_patches(rgb, cells, self.args.mask_patch_size)
+            count += 1
+        return ViewImages(images={MASKED: masked}, transforms=[("patch_blackening",)] * count)
 
     def _masked_logps(self, output: dict, views: list[SampleViews | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """One no-grad pass of every row with an image, its masked view in place of the images, in chunks of TRL's

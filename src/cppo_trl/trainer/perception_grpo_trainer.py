@@ -19,7 +19,15 @@ from trl import GRPOConfig, GRPOTrainer
 
 from cppo_trl.core.images import PixelBudget
 from cppo_trl.core.perception import aggregate_like_policy_loss
-from cppo_trl.trainer.views import SampleViews, row_images, view_forward_kwargs, with_prepared_images
+from cppo_trl.trainer.placeholders import cut_sampled_placeholder, placeholder_token_ids
+from cppo_trl.trainer.views import (
+    RolloutImages,
+    SampleViews,
+    rollout_images,
+    row_images,
+    view_forward_kwargs,
+    with_rgb_images,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -71,88 +79,106 @@ class PerceptionGRPOTrainer(GRPOTrainer):
     def _check_args(self, args) -> None:
         """Method-specific checks of `args` before TRL builds anything."""
 
-    def __init__(self, model, reward_funcs, args=None, **kwargs):
+    def __init__(self, model, reward_funcs=None, args=None, **kwargs):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = self._config_class(f"{model_name.split('/')[-1]}-{self._name}")
         if not isinstance(args, self._config_class):
             raise TypeError(f"{type(self).__name__} needs a {self._config_class.__name__}, got {type(args).__name__}.")
         self._check_args(args)
+        # `reward_funcs` is optional as in TRL 1.16: an `environment_factory` may own the reward.
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self._anchor_capture: AnchorCapture | None = None
         self._pixel_budget = PixelBudget.from_processor(self.processing_class)
-        # Image/video placeholder ids of the model: a completion must not contain them (see `_generate`).
-        self._placeholder_ids = _placeholder_token_ids(self._policy_lm(self.model).config)
+        # Image/video placeholder ids of the model: a completion must not sample them (see `_generate`).
+        self._placeholder_ids = placeholder_token_ids(self._policy_lm(self.model).config)
+        self._dataset_images: list[list | None] = []
+        self._rollouts: list[RolloutImages] | None = None
+        self._image_processor_only = False
         if self.use_vllm:
             # TRL 1.16 `_generate_single_turn` discards the prompt ids vLLM reports; wrap the one call to check them.
             self.vllm_generation.generate = self._checked_vllm_generate(self.vllm_generation.generate)
 
     # ------------------------------------------------------------------ rollouts
     def _generate_and_score_completions(self, inputs):
-        raw_inputs = inputs
-        inputs = [with_prepared_images(row, self._pixel_budget) for row in inputs]
-        log_images_here = self._ranks_disagree_on_images(inputs)
+        inputs = [with_rgb_images(row) for row in inputs]
+        self._dataset_images = [row_images(row) for row in inputs]
+        self._rollouts, self._gather_images_here = None, False
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self.log_multimodal = self.args.log_multimodal
-        if log_images_here:
-            self._logs["images"].extend(gather_object([row_images(row) or [] for row in inputs]))
-        if output.get("num_images") is not None:
-            self._attach_views(inputs, raw_inputs, output)
+        if self._gather_images_here:
+            self._logs["images"].extend(gather_object([list(rollout.images) for rollout in self._rollouts]))
+        if output.get("num_images") is not None and self._rollouts is not None:
+            self._attach_views(self._rollouts, output)
         return output
 
-    def _ranks_disagree_on_images(self, inputs: list[dict]) -> bool:
-        """TRL 1.16 gathers the batch's images for logging (`log_multimodal`) only on ranks whose batch has an image:
-        with one text-only rank the others wait in `gather_object` forever. One all-reduce per generation batch finds
-        out; when the ranks disagree, TRL's gather is switched off for this batch and every rank gathers here instead
-        (a text-only rank sends empty lists), which keeps the completions table aligned."""
-        if self.accelerator.num_processes == 1 or not self.args.log_multimodal:
-            return False
-        # TRL's rule: images are None without an `images`/`image` column or when every row's image list is empty.
-        key = "images" if "images" in inputs[0] else "image" if "image" in inputs[0] else None
-        has_images = key is not None and not all(row.get(key) == [] for row in inputs)
-        flags = torch.tensor(float(has_images), device=self.accelerator.device)
-        disagree = self.accelerator.reduce(flags, reduction="sum").item() not in (0, self.accelerator.num_processes)
-        self.log_multimodal = not disagree
-        return disagree
-
-    def _attach_views(self, inputs: list[dict], raw_inputs: list[dict], output: dict) -> None:
-        """Store per-sample views in `output` (rows scored by TRL, the same rows before image preparation)."""
+    def _attach_views(self, rollouts: list[RolloutImages], output: dict) -> None:
+        """Store per-rollout views in `output`; `rollouts` say which images each rollout's policy saw."""
 
     def _generate(self, prompts: list):
-        """TRL 1.16 returns `None` for a prompt without image in a multimodal batch, and then passes that list to the
-        processor, which rejects `None`; an empty list is what the processor (and `num_images`) expect.
+        """TRL 1.16's generation, then what the rails need from it:
 
-        A completion containing an image/video placeholder token (possible with vLLM, a custom `rollout_func` or
-        `generation_kwargs` overriding TRL's `suppress_tokens`) makes every later forward fail: the model finds more
-        placeholder tokens than image features. Such a completion is cut just before its first placeholder (its
-        `logprobs`/`tool_mask` entries too) and its text re-decoded, so rewards score what is trained; the cut
-        completion no longer ends with EOS, so TRL counts it as truncated (`mask_truncated_completions` masks it). A
-        completion that would become empty keeps one EOS token (sampling log-prob unknown: NaN, which TRL
-        neutralises). The count is logged as `<prefix>/truncated_at_image_token`."""
+        - A prompt without image in a multimodal batch comes back with `None` images, which TRL then hands to the
+          processor, which rejects `None`: an empty list is what the processor (and `num_images`) expect.
+        - A completion in which the policy *sampled* an image placeholder (`placeholders.cut_sampled_placeholder`) is
+          cut just before it, with its `logprobs`/`tool_mask` and any tool image whose placeholders the cut removed,
+          and its text re-decoded as one assistant message so rewards score what is trained; it no longer ends with
+          EOS, so TRL counts it as truncated. Placeholders TRL inserted for a tool's image (`tool_mask` 0) stay. The
+          count is logged as `<prefix>/truncated_at_image_token`.
+        - Every image each rollout saw is recorded (`RolloutImages`: the prompt's, an environment's observation, the
+          tools'), with the processor path TRL takes for the forward pass, for `_attach_views`.
+        - With several processes, TRL gathers images for logging only on ranks that have some, and the others wait
+          forever: the ranks agree in the same all-reduce as the cut count, and when they disagree TRL's gather is
+          switched off for this batch and `_generate_and_score_completions` gathers on every rank instead.
+        """
         prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = (
             super()._generate(prompts)
         )
         if images is not None and any(image_list for image_list in images):
             images = [image_list or [] for image_list in images]
         truncated = 0
-        if self._placeholder_ids:
-            for i, ids in enumerate(completion_ids):
-                cut = next((t for t, token in enumerate(ids) if token in self._placeholder_ids), None)
-                if cut is None:
-                    continue
-                truncated += 1
-                completion_ids[i] = list(ids[:cut]) if cut > 0 else [self.eos_token_ids[0]]
-                if logprobs is not None:
-                    logprobs[i] = list(logprobs[i][:cut]) if cut > 0 else [None]
-                if tool_mask is not None:
-                    tool_mask[i] = list(tool_mask[i][:cut]) if cut > 0 else [1]
-                text = self.processing_class.decode(completion_ids[i], skip_special_tokens=True)
-                completions[i] = [{"role": "assistant", "content": text}] if isinstance(completions[i], list) else text
-        total = self.accelerator.reduce(torch.tensor(float(truncated), device=self.accelerator.device), "sum")
-        self._metrics[self._mode][f"{self._metric_prefix}/truncated_at_image_token"].append(total.item())
+        for i, ids in enumerate(completion_ids):
+            cut = cut_sampled_placeholder(
+                ids,
+                None if logprobs is None else logprobs[i],
+                None if tool_mask is None else tool_mask[i],
+                self._placeholder_ids,
+                self.eos_token_ids[0],
+            )
+            if cut is None:
+                continue
+            truncated += 1
+            completion_ids[i] = cut.completion_ids
+            if logprobs is not None:
+                logprobs[i] = cut.logprobs
+            if tool_mask is not None:
+                tool_mask[i] = cut.tool_mask
+            if tool_images and len(tool_images[i]) > cut.tool_images_kept:
+                dropped = len(tool_images[i]) - cut.tool_images_kept
+                tool_images[i] = tool_images[i][: cut.tool_images_kept]
+                images[i] = images[i][: len(images[i]) - dropped]
+            text = self.processing_class.decode(completion_ids[i], skip_special_tokens=True)
+            completions[i] = [{"role": "assistant", "content": text}] if isinstance(completions[i], list) else text
+        self._image_processor_only = bool(self._is_vlm and self.tools and tool_images and any(tool_images))
+        self._rollouts = rollout_images(
+            prompts, images, tool_images, self._dataset_images, self._tools_per_prompt(len(prompts))
+        )
+        has_images = images is not None or any(rollout.images for rollout in self._rollouts)
+        total_truncated, ranks_with_images = self._reduce_sums(
+            {"truncated": truncated, "images": float(has_images)}, ("truncated", "images")
+        ).values()
+        if self.args.log_multimodal and ranks_with_images not in (0, self.accelerator.num_processes):
+            self.log_multimodal, self._gather_images_here = False, True
+        self._metrics[self._mode][f"{self._metric_prefix}/truncated_at_image_token"].append(total_truncated)
         return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
+
+    def _tools_per_prompt(self, count: int) -> list[list | None]:
+        """The tools each prompt was rendered with (TRL 1.16: an environment's own, else the trainer's)."""
+        if self.environment_factories is not None:
+            return [self._env_tools[name] for name in self._batch_environments]
+        return [self.tools or None] * count
 
     def _checked_vllm_generate(self, generate):
         """TRL 1.16 sends vLLM processor-expanded prompt ids plus the raw images; for some model families vLLM expands
@@ -309,12 +335,6 @@ def check_vllm_prompt_ids(
             f"accepts pre-expanded prompt ids, the same pixel budget on both sides (set the recipe's min_pixels / "
             f"max_pixels, which cppo_trl applies to the images themselves), or `use_vllm: false`."
         )
-
-
-def _placeholder_token_ids(config) -> frozenset[int]:
-    """Token ids the model replaces with vision features (`image_token_id`/`image_token_index`, video likewise)."""
-    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-    return frozenset(getattr(config, n) for n in names if isinstance(getattr(config, n, None), int))
 
 
 def _completion_hidden(hidden: torch.Tensor, completion_length: int) -> torch.Tensor:
