@@ -1,6 +1,7 @@
-"""Two CPU processes (gloo) under `accelerate launch`: CPPO and PAPO train, their metrics are reduced across ranks (also
-when one rank has no image to mask), and both ranks build the same views for the same prompt (views derive from
-(seed, step, prompt), not from the rank)."""
+"""Two CPU processes under DDP (`accelerate launch --multi_gpu`, gloo, buffers broadcast at every forward): CPPO and PAPO
+train, their metrics are reduced across ranks, both ranks build the same views for the same prompt (views derive from
+(seed, step, prompt), not from the rank), and ranks that hold different work run the same passes
+(`tests/scripts/rank_cases.py`; the DeepSpeed runs of the same cases are in `tests/test_deepspeed.py`)."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from rank_case_checks import DUMMIES, check_case, run_cases
 
 from cppo_trl.testing import build_tiny_vlm
 
@@ -56,3 +58,16 @@ def test_two_processes_reduce_metrics_and_share_views(tmp_path):
     # TRL 1.16 alone deadlocks here (only the image rank gathers its images for logging); the rails gather on both
     # ranks instead, so the completions table stays aligned: rank 0's two rollouts with their image, rank 1's without.
     assert papo0["logged"] == {"images": [1, 1, 0, 0], "prompts": 4}
+
+
+@pytest.fixture(scope="module")
+def ddp_cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    model = build_tiny_vlm("qwen2_5_vl", root / "model")
+    return model, run_cases("ddp", model, root, timeout=300)
+
+
+@pytest.mark.parametrize("case", list(DUMMIES))
+def test_ranks_with_different_work_run_the_same_passes_under_ddp(case, ddp_cases):
+    model, results = ddp_cases
+    check_case(case, results[case], model, sharded=False)

@@ -217,11 +217,11 @@ def test_nonfinite_view_skips_cpl_and_keeps_weights_finite(tiny_qwen, tmp_path, 
     original = CPPOTrainer._view_pass
 
     def poisoned(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
+        out, dummies = original(self, *args, **kwargs)
         out.logps = out.logps * float("nan")
         if out.hidden is not None:
             out.hidden = out.hidden * float("inf")
-        return out
+        return out, dummies
 
     monkeypatch.setattr(CPPOTrainer, "_view_pass", poisoned)
     loss, grads = loss_and_grads(trainer, inputs)
@@ -251,9 +251,9 @@ def test_grad_through_views_switch(tiny_qwen, tmp_path, monkeypatch, through_vie
     original = CPPOTrainer._view_pass
 
     def recording(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
+        out, dummies = original(self, *args, **kwargs)
         seen.append(out.logps.requires_grad)
-        return out
+        return out, dummies
 
     monkeypatch.setattr(CPPOTrainer, "_view_pass", recording)
     loss, grads = loss_and_grads(trainer, inputs)

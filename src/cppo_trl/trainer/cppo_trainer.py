@@ -1,6 +1,7 @@
 """`CPPOTrainer`: TRL's `GRPOTrainer` plus the Contrastive Perception Loss, on the shared perception rails."""
 
 import logging
+import math
 import textwrap
 from contextlib import nullcontext
 
@@ -20,6 +21,7 @@ from cppo_trl.core.perception import (
 from cppo_trl.core.perturbations import make_views_for_sample
 from cppo_trl.trainer.cppo_config import CPPOConfig
 from cppo_trl.trainer.perception_grpo_trainer import AnchorCapture, PerceptionGRPOTrainer, ViewPass, _completion_hidden
+from cppo_trl.trainer.rank_sync import PASS_PLAN_KEY, zero_weighted
 from cppo_trl.trainer.views import RolloutImages, ViewImages, build_sample_views
 
 
@@ -164,15 +166,27 @@ class CPPOTrainer(PerceptionGRPOTrainer):
     def _compute_loss(self, model, inputs):
         mode = self._mode
         rows = self._cpl_rows(inputs)
+        passes = inputs.get(PASS_PLAN_KEY)  # agreed over the ranks; None with one process
         if rows.numel() == 0:
             loss = super()._compute_loss(model, inputs)
-            self._log_cpl_stats(mode, inputs, rows, {})
-            return loss
+            if not passes:
+                self._log_cpl_stats(mode, inputs, rows, {})
+                return loss
+            # Other ranks run view passes on this micro-batch: run as many on the dummy row, weighted by zero.
+            grad_ctx = nullcontext() if self.args.cpl_grad_through_views else torch.no_grad()
+            with grad_ctx:
+                outputs = [out for _ in range(2 * passes) for out in self._dummy_forward(model, compute_entropy=True)]
+            total = self._log_cpl_stats(mode, inputs, rows, {})
+            return loss if total["nonfinite_skipped"] else loss + zero_weighted(outputs)
         with self.anchor_capture(need_hidden=self.args.cpl_divergence == "full") as anchor:
             loss = super()._compute_loss(model, inputs)
-        cpl, stats = self._contrastive_perception_loss(model, inputs, rows, anchor, mode)
-        self._log_cpl_stats(mode, inputs, rows, stats)
-        return loss + self.args.cpl_weight * cpl
+        cpl, stats, keep = self._contrastive_perception_loss(model, inputs, rows, anchor, mode, passes)
+        total = self._log_cpl_stats(mode, inputs, rows, stats)
+        if passes is not None and total["nonfinite_skipped"]:
+            # Some rank's view was not finite: it cannot backpropagate through it, so no rank does (same passes).
+            return loss
+        loss = loss + self.args.cpl_weight * cpl
+        return loss if keep is None else loss + keep
 
     def _cpl_rows(self, inputs) -> torch.Tensor:
         """Rows that get the extra passes: gated in, with views (hence images), with at least one loss token."""
@@ -185,8 +199,14 @@ class CPPOTrainer(PerceptionGRPOTrainer):
         keep = self._gate(inputs["advantages"]) & has_tokens & has_views
         return keep.nonzero(as_tuple=True)[0]
 
-    def _view_pass(self, model, inputs, rows, which: str, need_hidden: bool) -> ViewPass:
-        """Passes of the gated rows with one view, `cpl_view_micro_batch_size` rows at a time.
+    def _view_passes(self, inputs) -> int:
+        """Forwards per view on this micro-batch: its gated rows, `cpl_view_micro_batch_size` at a time."""
+        rows = self._cpl_rows(inputs).numel()
+        return 0 if rows == 0 else math.ceil(rows / (self.args.cpl_view_micro_batch_size or rows))
+
+    def _view_pass(self, model, inputs, rows, which: str, need_hidden: bool, passes: int | None):
+        """Passes of the gated rows with one view, `cpl_view_micro_batch_size` rows at a time, then dummy passes up to
+        the `passes` the ranks agreed on; returns the rows' `ViewPass` and the dummies' outputs.
 
         With `cpl_view_checkpointing`, each micro-batch is one checkpointed region: its activations are dropped after
         the forward and rebuilt in backward, so the views hold one micro-batch of activations instead of all gated
@@ -210,15 +230,23 @@ class CPPOTrainer(PerceptionGRPOTrainer):
             )
             parts.append(checkpoint(forward, *args, use_reentrant=False) if checkpointed else forward(*args))
         logps, entropies, hidden = (None if part[0] is None else torch.cat(part) for part in zip(*parts, strict=True))
-        return ViewPass(logps, entropies, hidden)
+        missing = 0 if passes is None else passes - len(parts)
+        dummies = [out for _ in range(missing) for out in self._dummy_forward(model, compute_entropy=which == REMOVED)]
+        return ViewPass(logps, entropies, hidden), dummies
 
-    def _contrastive_perception_loss(self, model, inputs, rows, anchor: AnchorCapture, mode: str):
+    def _contrastive_perception_loss(self, model, inputs, rows, anchor: AnchorCapture, mode: str, passes: int | None):
+        """(λ-free CPL, its statistics, a zero-weighted term or None).
+
+        With several processes (`passes` agreed), every pass that ran stays in the backward graph: when no token is
+        selected, the preserved view still runs and both enter the loss multiplied by zero, so that every rank
+        backpropagates through as many passes. A non-finite view instead drops the micro-batch's CPL on every rank
+        (`_compute_loss`), since backpropagating through it, even with weight zero, would turn gradients into NaN."""
         args = self.args
         full = args.cpl_divergence == "full"
         mask = self._loss_mask(inputs)[rows]  # (R, T)
         grad_ctx = nullcontext() if args.cpl_grad_through_views else torch.no_grad()
         with grad_ctx:
-            removed = self._view_pass(model, inputs, rows, REMOVED, need_hidden=full)
+            removed, kept = self._view_pass(model, inputs, rows, REMOVED, full, passes)
         anchor_entropy = anchor.entropies[rows].detach()  # (R, T)
         entropy_shift = removed.entropies.detach() - anchor_entropy  # (R, T)
         if args.perception_token_selection:
@@ -238,10 +266,14 @@ class CPPOTrainer(PerceptionGRPOTrainer):
             "selected_tokens": selected.sum(),
         }
         zero = torch.zeros((), device=mask.device)
-        if not selected.any():
-            return zero, stats
+        if not selected.any() and passes is None:
+            return zero, stats, None
         with grad_ctx:
-            preserved = self._view_pass(model, inputs, rows, PRESERVED, need_hidden=full)
+            preserved, dummies = self._view_pass(model, inputs, rows, PRESERVED, full, passes)
+        kept += dummies
+        unused = [removed.logps, removed.entropies, preserved.logps, *kept]  # the passes, should CPL not use them
+        if not selected.any():
+            return zero, stats, zero_weighted(unused)
 
         positions = selected.nonzero(as_tuple=True)  # N selected (row, t) pairs
         if full:
@@ -257,10 +289,10 @@ class CPPOTrainer(PerceptionGRPOTrainer):
             # A non-finite view (e.g. overflowing logits) must not poison the weights: drop CPL for this micro-batch.
             stats["nonfinite_skipped"] = torch.ones((), device=mask.device)
             stats["divergence_preserved_sum"] = stats["divergence_removed_sum"] = zero
-            return zero, stats
+            return zero, stats, None
         cpl = self._aggregate(per_token, positions, rows, inputs, mode)
         stats["cpl_loss"] = cpl.detach() * (self.current_gradient_accumulation_steps if mode == "train" else 1)
-        return cpl, stats
+        return cpl, stats, zero_weighted(kept)
 
     def _full_cpl_at(self, model, anchor_hidden, preserved: ViewPass, removed: ViewPass, positions):
         """InfoNCE with full-vocabulary KL at the selected positions only, `cpl_chunk_size` positions at a time.
@@ -302,8 +334,9 @@ class CPPOTrainer(PerceptionGRPOTrainer):
         row_sums = mask.new_zeros(mask.size(0), dtype=per_token.dtype).index_add(0, rows[positions[0]], per_token)
         return self._aggregate_like_policy_loss(row_sums, inputs, mode)
 
-    def _log_cpl_stats(self, mode: str, inputs, rows, stats: dict) -> None:
-        """One collective per micro-batch, identical on every rank whatever its rows, then ratios of global sums."""
+    def _log_cpl_stats(self, mode: str, inputs, rows, stats: dict) -> dict[str, float]:
+        """One collective per micro-batch, identical on every rank whatever its rows, then ratios of global sums;
+        returns the global sums (every rank sees the same, so decisions taken on them agree)."""
         mask = self._loss_mask(inputs)
         stats = {
             **stats,
@@ -324,6 +357,7 @@ class CPPOTrainer(PerceptionGRPOTrainer):
         if total["selected_tokens"] > 0:
             metrics["cppo/divergence_preserved"].append(total["divergence_preserved_sum"] / total["selected_tokens"])
             metrics["cppo/divergence_removed"].append(total["divergence_removed_sum"] / total["selected_tokens"])
+        return total
 
 
 def _as_tuple(view_forward):

@@ -136,7 +136,10 @@ class PAPOTrainer(PerceptionGRPOTrainer):
 
     def _masked_logps(self, output: dict, views: list[SampleViews | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """One no-grad pass of every row with an image, its masked view in place of the images, in chunks of TRL's
-        micro-batch size; returns (B, T) log-probs (NaN on rows without image) and the (B,) rows that have them."""
+        micro-batch size; returns (B, T) log-probs (NaN on rows without image) and the (B,) rows that have them.
+
+        With several processes the ranks first agree on the number of chunks (one collective per generation batch), and
+        a rank with fewer image rows runs the rest on the dummy row (`rank_sync`): under ZeRO-3 every forward gathers."""
         completion_ids = output["completion_ids"]
         device = completion_ids.device
         has_view = torch.tensor([view is not None for view in views], device=device)
@@ -144,11 +147,14 @@ class PAPOTrainer(PerceptionGRPOTrainer):
         rows = has_view.nonzero(as_tuple=True)[0]
         train = self._mode == "train"
         size = self.args.per_device_train_batch_size if train else self.args.per_device_eval_batch_size
+        chunks = [rows[start : start + size] for start in range(0, rows.numel(), size)]
+        passes = self._agreed_passes(len(chunks))
         # As TRL 1.16's old-log-prob pass: no gradient, checkpointing off, the model as it was when it generated.
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            for start in range(0, rows.numel(), size):
-                chunk = rows[start : start + size]
+            for chunk in chunks:
                 masked[chunk] = self._view_forward(self.model, output, views, chunk, MASKED).logps.float()
+            for _ in range(passes - len(chunks)):
+                self._dummy_forward(self.model)
         return masked, has_view
 
     # ------------------------------------------------------------------ add the PAPO terms to TRL's loss

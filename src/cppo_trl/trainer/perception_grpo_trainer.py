@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from trl import GRPOConfig, GRPOTrainer
 from cppo_trl.core.images import PixelBudget
 from cppo_trl.core.perception import aggregate_like_policy_loss
 from cppo_trl.trainer.placeholders import cut_sampled_placeholder, placeholder_token_ids
+from cppo_trl.trainer.rank_sync import PASS_PLAN_KEY, DummyVisionPass, agree_on_counts, dummy_row
 from cppo_trl.trainer.views import (
     RolloutImages,
     SampleViews,
@@ -95,6 +96,15 @@ class PerceptionGRPOTrainer(GRPOTrainer):
         self._dataset_images: list[list | None] = []
         self._rollouts: list[RolloutImages] | None = None
         self._image_processor_only = False
+        self._dummy: dict | None = None  # built on first use (`_dummy_forward`)
+        # Sharded multi-process training: a forward without images still runs the vision tower (`rank_sync`).
+        self._vision_passes: list[DummyVisionPass] = []
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if self.accelerator.num_processes > 1 and sharded and self._is_vlm:
+            for module in (self.model, self.ref_model):
+                if module is not None:
+                    vlm = self._policy_lm(module).base_model
+                    self._vision_passes.append(DummyVisionPass(vlm, self._dummy_row()))
         if self.use_vllm:
             # TRL 1.16 `_generate_single_turn` discards the prompt ids vLLM reports; wrap the one call to check them.
             self.vllm_generation.generate = self._checked_vllm_generate(self.vllm_generation.generate)
@@ -110,12 +120,13 @@ class PerceptionGRPOTrainer(GRPOTrainer):
             self.log_multimodal = self.args.log_multimodal
         if self._gather_images_here:
             self._logs["images"].extend(gather_object([list(rollout.images) for rollout in self._rollouts]))
-        if output.get("num_images") is not None and self._rollouts is not None:
-            self._attach_views(self._rollouts, output)
+        # On every rank, images or not: a method's view passes may be collectives the ranks must agree on.
+        self._attach_views(self._rollouts, output)
         return output
 
     def _attach_views(self, rollouts: list[RolloutImages], output: dict) -> None:
-        """Store per-rollout views in `output`; `rollouts` say which images each rollout's policy saw."""
+        """Store per-rollout views in `output`; `rollouts` say which images each rollout's policy saw (a batch
+        without any image comes here too, so that collectives in a method's view passes line up across ranks)."""
 
     def _generate(self, prompts: list):
         """TRL 1.16's generation, then what the rails need from it:
@@ -223,6 +234,55 @@ class PerceptionGRPOTrainer(GRPOTrainer):
         reloaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=dtype)
         unwrapped.load_state_dict(reloaded.state_dict())
 
+    # ------------------------------------------------------------------ the same passes on every rank
+    def _prepare_inputs(self, generation_batch):
+        """TRL 1.16 generates a generation batch and splits it into micro-batches, kept in `_buffered_inputs` and reused
+        for `num_iterations`. Right after a split (in eval: for each batch), with several processes, the ranks agree in
+        ONE collective on how many view passes each micro-batch's loss runs, so that every rank runs as many
+        (`rank_sync`); the count rides with the micro-batch under `PASS_PLAN_KEY`."""
+        buffered = self._buffered_inputs
+        inputs = super()._prepare_inputs(generation_batch)
+        if self.accelerator.num_processes > 1:
+            if not self.model.training:
+                self._agree_on_view_passes([inputs])
+            elif self._buffered_inputs is not buffered:
+                self._agree_on_view_passes(self._buffered_inputs)
+        return inputs
+
+    def _agree_on_view_passes(self, batches: list[dict]) -> None:
+        agreed = agree_on_counts([self._view_passes(batch) for batch in batches], self.accelerator)
+        for batch, passes in zip(batches, agreed, strict=True):
+            batch[PASS_PLAN_KEY] = passes
+
+    def _agreed_passes(self, local: int) -> int:
+        """The largest of every rank's `local` pass count (one collective), or `local` with one process."""
+        return local if self.accelerator.num_processes == 1 else agree_on_counts([local], self.accelerator)[0]
+
+    def _view_passes(self, inputs) -> int:
+        """How many forwards per view this rank's loss would run on micro-batch `inputs` (a subclass hook)."""
+        return 0
+
+    def _dummy_row(self) -> dict:
+        if self._dummy is None:
+            self._dummy = dummy_row(self.processing_class, self._pixel_budget, self.eos_token_ids[0])
+        return self._dummy
+
+    def _dummy_forward(self, model, compute_entropy: bool = False) -> list[torch.Tensor]:
+        """One pass of the one-row dummy (`rank_sync.dummy_row`) through the parent's forward, standing in for a pass
+        this rank has no rows for; returns its outputs, for `rank_sync.zero_weighted`."""
+        device = self.accelerator.device
+        row = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self._dummy_row().items()}
+        logps, entropies, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            self,
+            model,
+            row.pop("input_ids"),
+            row.pop("attention_mask"),
+            row.pop("completion_length"),
+            compute_entropy=compute_entropy,
+            **row,
+        )
+        return [logps, entropies]
+
     # ------------------------------------------------------------------ the anchor: TRL's own policy forward
     @contextmanager
     def anchor_capture(self, need_hidden: bool) -> Iterator[AnchorCapture]:
@@ -234,6 +294,18 @@ class PerceptionGRPOTrainer(GRPOTrainer):
             self._anchor_capture = None
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        with self._vision_passes_active():
+            return self._forward_capturing_the_anchor(model, *args, **kwargs)
+
+    @contextmanager
+    def _vision_passes_active(self) -> Iterator[None]:
+        """TRL's own forwards (policy, reference, old log-probs) run the dummy vision pass when text-only."""
+        with ExitStack() as stack:
+            for vision in self._vision_passes:
+                stack.enter_context(vision.active())
+            yield
+
+    def _forward_capturing_the_anchor(self, model, *args, **kwargs):
         capture = self._anchor_capture
         if capture is None or capture.logps is not None:
             return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)

@@ -235,7 +235,8 @@ def build_sample_views(
     """
     prompt_ids = output["prompt_ids"].cpu()
     prompt_mask = output["prompt_mask"].bool().cpu()
-    layout = {k: torch.split(output[k].cpu(), output["num_images"]) for k in LAYOUT_KEYS if k in output}
+    counts = output.get("num_images")  # None for a batch without any image
+    layout = {k: torch.split(output[k].cpu(), counts) for k in LAYOUT_KEYS if k in output and counts is not None}
     by_key: dict[bytes, SampleViews] = {}
     views: list[SampleViews | None] = []
     for i, rollout in enumerate(rollouts):
