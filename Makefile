@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test quality style demo eval-demo bench compare gpu-wheels gpu-check clean
+.PHONY: install test test-engines quality style demo eval-demo bench compare agents gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,27 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline OMP_NUM_THREADS=1
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+
+# The real engines, on CPU (docs/gpu.md, "What runs where"): DeepSpeed ZeRO-3/ZeRO-2 on 2 processes with the
+# [deepspeed] extra; real vLLM (its CPU build) in its own venv; the main suite again on the [gpu] install's versions.
+VENV_VLLM := .venv-vllm
+DS_STAMP := $(VENV)/.deepspeed
+VLLM_STAMP := $(VENV_VLLM)/.installed
+$(DS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,deepspeed]"
+	touch $@
+$(VLLM_STAMP): tests/vllm_cpu/setup.sh tests/vllm_cpu/requirements.txt pyproject.toml
+	bash tests/vllm_cpu/setup.sh $(VENV_VLLM)
+	touch $@
+test-engines: $(DS_STAMP) $(VLLM_STAMP)
+	$(TEST_ENV) DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions \
+		$(BIN)/python -m pytest -q -p no:cacheprovider -m engines tests/test_deepspeed.py
+	$(TEST_ENV) VLLM_CPU_KVCACHE_SPACE=1 $(VENV_VLLM)/bin/python -m pytest -q -p no:cacheprovider -m engines \
+		tests/test_vllm_engine.py
+	$(TEST_ENV) $(VENV_VLLM)/bin/python -m pytest -q -p no:cacheprovider
 
 quality: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -32,10 +51,13 @@ eval-demo: $(STAMP)  # after `make demo`: cppo-eval on the demo's model, with th
 	HF_HUB_OFFLINE=1 $(BIN)/cppo-eval --config recipes/eval/eval_tiny_cpu.yaml
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py --sizes tiny,small --prompts 2 --steps 3 --out outputs/bench
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py --sizes tiny,small --prompts 2 --steps 3 --two-process --out outputs/bench
 
 compare: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compare.py --out outputs/compare
+
+agents: $(STAMP)  # GRPO vs PAPO vs CPPO for a VLM agent with a zoom tool, in miniature (~10 min on 2 CPU cores)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/agents.py --out outputs/agents
 
 # Wheels of every dependency except torch, for an offline GPU machine with Python $(GPU_PYVER) (README "GPU").
 # TORCHVISION=none when that machine already has torchvision, or the version built for its torch.

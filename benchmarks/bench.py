@@ -434,6 +434,59 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------- two processes that disagree
+TWO_PROCESS_CASES = ("gated_vs_none", "uneven_chunks", "cppo_text_rank", "papo_text_rank")
+
+
+def bench_two_processes(args, scratch: Path) -> list[dict[str, Any]]:
+    """What it costs that ranks holding different work run the same passes: the cases of
+    `tests/scripts/rank_cases.py` on 2 processes under DDP (wall clock; 2 steps each), per rank the seconds in dummy
+    passes and in the count agreement, against the rank's whole training time."""
+    import importlib.util
+
+    from cppo_trl.testing import build_tiny_vlm
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("two_processes", root / "tests" / "two_processes.py")
+    two_processes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(two_processes)
+    model = build_tiny_vlm("qwen2_5_vl", Path(args.model_cache) / "tiny-two-process")
+    out = scratch / "two_process"
+    script = root / "tests" / "scripts" / "rank_cases.py"
+    job = two_processes.launch("ddp", script, [str(model), str(out), "ddp", *TWO_PROCESS_CASES], scratch, 600)
+    if job.timed_out or job.returncode != 0:
+        raise RuntimeError(f"the two-process run failed:\n{job.output[-3000:]}")
+    rows = []
+    for case in TWO_PROCESS_CASES:
+        for rank in (0, 1):
+            result = json.loads((out / case / f"rank{rank}.json").read_text())
+            rows.append(
+                {
+                    "case": case,
+                    "rank": rank,
+                    "dummy_passes": result["dummy_passes"],
+                    "dummy_s": result["dummy_seconds"],
+                    "agreement_s": result["agreement_seconds"],
+                    "train_s": result["train_seconds"],
+                    "overhead": (result["dummy_seconds"] + result["agreement_seconds"]) / result["train_seconds"],
+                }
+            )
+    return rows
+
+
+def two_process_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| case | rank | dummy passes | dummy s | agreement s | training s | overhead |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['rank']} | {r['dummy_passes']} | {r['dummy_s']:.3f} | {r['agreement_s']:.4f} "
+            f"| {r['train_s']:.2f} | {100 * r['overhead']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -457,6 +510,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-cache", default="~/.cache/cppo_trl/bench_models")
     parser.add_argument("--out", default="outputs/bench")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on cpu)")
+    parser.add_argument(
+        "--two-process",
+        action="store_true",
+        help="also time 2 CPU processes (DDP) whose ranks hold different work: the dummy passes and the agreement",
+    )
     parser.add_argument(
         "--clock",
         choices=("cpu", "wall"),
@@ -485,11 +543,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cppo-bench-") as tmp:
         for size in sizes:
             results.append(bench_size(size, args, Path(tmp)))
+        two_process = bench_two_processes(args, Path(tmp)) if args.two_process else []
     payload = {
         "config": dict(vars(args)),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "results": results,
+        "two_process": two_process,
         "notes": {
             "loss_phase": "compute_loss forward + backward on identical prepared inputs",
             "whole_step": "generation + scoring (shared, measured once) + view building + loss phase",
@@ -502,6 +562,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 logger.warning("%s: non-finite %s", r["size"], key)
     (out / "bench.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     table = markdown_table(results)
+    if two_process:
+        table += "\n\nTwo processes (DDP, wall clock) whose ranks hold different work:\n\n" + two_process_table(
+            two_process
+        )
     (out / "bench.md").write_text(table + "\n", encoding="utf-8")
     print(table)
     return payload

@@ -14,8 +14,18 @@ reports, over the measured steps:
 * the prompt/vision-token check of every generated batch: image-pad tokens in each row's prompt ids against its
   images' `image_grid_thw` (t·h·w / merge²), and `pixel_values` rows against the grids.
 
+Then the engines (`--engines`), each reported as passed, failed or skipped with its reason, never as passed when it did
+not run:
+
+* `vllm_colocate`: CPPO trains 2 steps with vLLM colocated (tiny Qwen2.5-VL, head_dim 32, the processor at a smaller
+  pixel budget than the checkpoint's), the guard checking every prompt's ids; passed when every prompt was checked and
+  vLLM's sampling log-probs match the trainer's (TRL's `sampling/sampling_logp_difference/max` < 1e-2 in bf16);
+* `zero3_uneven_gating`: 2 GPUs, DeepSpeed ZeRO-3 with every parameter sharded, the two-process cases of
+  `tests/scripts/rank_cases.py` where one rank is gated and the other not, or runs fewer view passes.
+
 It writes `gpu_check.json` and `gpu_check.md` to `--out`; the JSON says `"complete": false` (and the exit code is 1)
-if a variant failed, was skipped for the time budget, or a vision-token mismatch was found. `--device cpu --tiny` is
+if a variant or an engine that ran failed, a variant was skipped for the time budget, or a vision-token mismatch was
+found. `--device cpu --tiny` is
 the few-second smoke mode the test suite runs. Needs PyTorch and cppo_trl's wheels (`make gpu-wheels`), no network.
 """
 
@@ -306,7 +316,108 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| {_fmt(run['memory_ratio'], '.2f')} | {len(run['vision_token_mismatches'])} of "
             f"{run['vision_token_rows_checked']} rows |"
         )
+    if payload["engines"]:
+        lines += ["", "| engine | status | details |", "|---|---|---|"]
+        for name, result in payload["engines"].items():
+            details = ", ".join(f"{k} {v}" for k, v in result.items() if k != "status")
+            lines.append(f"| {name} | {result['status']} | {details} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------- engines
+ENGINES = ("vllm_colocate", "zero3_uneven_gating")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _length_reward(completions, **kwargs) -> list[float]:
+    return [float(len(str(c)) % 5) for c in completions]
+
+
+def vllm_colocate(args, out_dir: Path) -> dict[str, Any]:
+    """CPPO with vLLM colocated, 2 steps: the prompt-id guard and TRL's sampling-log-prob gap."""
+    if args.device != "cuda":
+        return {"status": "skipped", "reason": "needs a GPU (vLLM's GPU build)"}
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return {"status": "skipped", "reason": "vllm is not installed (pip install 'cppo_trl[vllm]')"}
+    from cppo_trl import CPPOConfig, CPPOTrainer
+    from cppo_trl.core.images import load_processor
+    from cppo_trl.testing import build_tiny_vlm
+
+    model = build_tiny_vlm("qwen2_5_vl", Path(args.model_cache) / "tiny-hd32", head_dim=32)
+    config = CPPOConfig(
+        output_dir=str(out_dir / "vllm"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=16,
+        max_steps=2,
+        beta=0.0,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=0.2,
+        vllm_max_model_length=2048,
+        advantage_gating=False,
+        bf16=True,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+    )
+    processor = load_processor(str(model), min_pixels=784, max_pixels=56 * 56 * 2)
+    dataset = make_dataset(argparse.Namespace(image_size=112, prompts=2))
+    trainer = CPPOTrainer(
+        model=str(model), reward_funcs=_length_reward, args=config, train_dataset=dataset, processing_class=processor
+    )
+    trainer.train()
+    history = trainer.state.log_history
+    checked = sum(h.get("cppo/vllm_prompts_checked", 0) for h in history)
+    gap = max(
+        (h["sampling/sampling_logp_difference/max"] for h in history if "sampling/sampling_logp_difference/max" in h),
+        default=None,
+    )
+    passed = checked == 8 and gap is not None and gap < 1e-2
+    return {"status": "passed" if passed else "failed", "prompts_checked": checked, "max_logp_gap": gap}
+
+
+def zero3_uneven_gating(args, out_dir: Path) -> dict[str, Any]:
+    """`tests/scripts/rank_cases.py` on 2 GPUs under ZeRO-3: every rank finishes with the same logged metrics."""
+    if args.device != "cuda" or torch.cuda.device_count() < 2:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return {"status": "skipped", "reason": f"needs 2 GPUs, this machine has {count}"}
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return {"status": "skipped", "reason": "deepspeed is not installed (pip install 'cppo_trl[deepspeed]')"}
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("two_processes", ROOT / "tests" / "two_processes.py")
+    two_processes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(two_processes)
+    from cppo_trl.testing import build_tiny_vlm
+
+    model = build_tiny_vlm("qwen2_5_vl", Path(args.model_cache) / "tiny")
+    cases = ["gated_vs_none", "uneven_chunks", "no_token_selected"]
+    script = ROOT / "tests" / "scripts" / "rank_cases.py"
+    job = two_processes.launch(
+        "zero3", script, [str(model), str(out_dir / "zero3"), "deepspeed-cuda", *cases], out_dir, 540, device="cuda"
+    )
+    if job.timed_out or job.returncode != 0:
+        return {"status": "failed", "reason": ("timed out" if job.timed_out else "exit code") + job.output[-2000:]}
+    ranks = {c: [json.loads((out_dir / "zero3" / c / f"rank{r}.json").read_text()) for r in (0, 1)] for c in cases}
+    agree = all(r[0]["logs"] == r[1]["logs"] for r in ranks.values())
+    dummies = {c: [x["dummy_passes"] for x in r] for c, r in ranks.items()}
+    return {"status": "passed" if agree else "failed", "seconds": job.seconds, "dummy_passes": dummies}
+
+
+def run_engines(args, out_dir: Path) -> dict[str, dict[str, Any]]:
+    results = {}
+    for name in ENGINES:
+        try:
+            results[name] = globals()[name](args, out_dir)
+        except Exception as error:  # a failed engine must not hide the other
+            logger.exception("engine check %s failed", name)
+            results[name] = {"status": "failed", "reason": f"{type(error).__name__}: {error}"[:500]}
+    return results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -331,6 +442,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-cache", default="~/.cache/cppo_trl/gpu_check")
     parser.add_argument("--out", default="outputs/gpu_check")
+    parser.add_argument(
+        "--engines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also check {', '.join(ENGINES)} (each reported as passed, failed or skipped)",
+    )
     args = parser.parse_args(argv)
     args.model_cache = str(Path(args.model_cache).expanduser())
     for name, allowed in (("modes", MODES), ("variants", VARIANTS)):
@@ -376,6 +493,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if args.device == "cuda":
                         torch.cuda.empty_cache()
                 durations.append(time.perf_counter() - begin)
+        engines = run_engines(args, Path(tmp)) if args.engines else {}
     add_ratios(runs)
     for run in runs:
         if run["vision_token_mismatches"]:
@@ -388,6 +506,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             reasons.append(f"{run['mode']}/{run['variant']}: {run['measured_steps']} of {args.steps} steps measured")
         if run["grad_norm"] is None or not math.isfinite(run["grad_norm"]):
             reasons.append(f"{run['mode']}/{run['variant']}: gradient norm {run['grad_norm']}")
+    reasons += [
+        f"engine {name} failed: {r.get('reason', r)}"[:500] for name, r in engines.items() if r["status"] == "failed"
+    ]
     payload = {
         "complete": not reasons,
         "incomplete_reasons": reasons,
@@ -397,6 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
         "config": {k: v for k, v in vars(args).items() if k != "model_cache"},
         "runs": runs,
+        "engines": engines,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

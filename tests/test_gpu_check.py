@@ -44,6 +44,9 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
         if mode == "lora":
             assert run["trainable_params"] < run["params"] / 5
     assert runs[("full", "grpo")]["step_ratio"] == 1.0
+    # No GPU here: both engine checks are reported as skipped, with why, never as passed.
+    assert {name: r["status"] for name, r in payload["engines"].items()} == dict.fromkeys(gpu_check.ENGINES, "skipped")
+    assert all(r["reason"] for r in payload["engines"].values()) and "| vllm_colocate | skipped |" in table
 
 
 def test_vision_token_check_finds_a_mismatch():

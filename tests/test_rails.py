@@ -1,5 +1,6 @@
 """The rails every perception trainer rides on (`PerceptionGRPOTrainer`): images reach TRL as the dataset gives them,
-occlusion aligned with the processor's vision-token grid, and the guard on the prompt ids vLLM generates from."""
+occlusion aligned with the processor's vision-token grid, and a default config per method. (The vLLM fixes are in
+`tests/test_vllm_fixes.py`.)"""
 
 import numpy as np
 import pytest
@@ -9,7 +10,6 @@ from datasets import Dataset
 
 from cppo_trl.core.images import PixelBudget
 from cppo_trl.trainer.cppo_trainer import REMOVED
-from cppo_trl.trainer.perception_grpo_trainer import check_vllm_prompt_ids
 
 
 def _rows(images, text="What colour is the top left block?"):
@@ -69,71 +69,6 @@ def test_occlusion_hides_whole_vision_tokens(tiny_qwen, tmp_path):
 def test_explicit_occlusion_patch_size_wins(tiny_qwen, tmp_path):
     trainer = make_trainer(tiny_qwen, tmp_path, occlusion_patch_size=14)
     assert trainer._perturbation_params.occlusion_patch_size == 14 and not trainer._align_occlusion
-
-
-class FakeVLLM:
-    """Stands in for TRL 1.16's `VLLMGeneration`: either reports the prompt ids it was given (a family whose vLLM
-    processor accepts expanded prompts) or expands every image placeholder once more (the corrupting behaviour)."""
-
-    def __init__(self, image_token_id: int, eos_id: int, expand_again: bool):
-        self.image_token_id, self.eos_id, self.expand_again = image_token_id, eos_id, expand_again
-        self.calls = 0
-
-    def sync_weights(self):
-        pass
-
-    def generate(self, prompts, images, num_generations, profiler=None):
-        self.calls += 1
-        reported = []
-        for ids in prompts:
-            if self.expand_again:
-                ids = [t for token in ids for t in ([token] * 4 if token == self.image_token_id else [token])]
-            reported.append(list(ids))
-        completions = [[11 + i % 7, 12, self.eos_id] for i in range(len(prompts))]
-        logprobs = [[[-1.0]] * len(c) for c in completions]
-        return reported, completions, logprobs, None
-
-
-def _with_fake_vllm(trainer, expand_again: bool) -> FakeVLLM:
-    config = trainer.model.config
-    fake = FakeVLLM(config.image_token_id, trainer.eos_token_ids[0], expand_again)
-    trainer.use_vllm, trainer.vllm_importance_sampling_correction, trainer._last_loaded_step = True, False, 0
-    trainer.vllm_generation = fake
-    trainer.vllm_generation.generate = trainer._checked_vllm_generate(fake.generate)
-    return fake
-
-
-def test_vllm_guard_passes_faithful_prompts_and_counts_them(tiny_qwen, tmp_path):
-    trainer = make_trainer(tiny_qwen, tmp_path)
-    fake = _with_fake_vllm(trainer, expand_again=False)
-    inputs = generation_batch(trainer)
-    assert fake.calls == 1
-    assert inputs["completion_ids"].shape[0] == 4
-    assert trainer._metrics["train"]["cppo/vllm_prompts_checked"] == [4.0]
-    loss = trainer.compute_loss(trainer.model, inputs)
-    assert torch.isfinite(loss)
-
-
-def test_vllm_guard_stops_a_re_expanded_prompt(tiny_qwen, tmp_path):
-    trainer = make_trainer(tiny_qwen, tmp_path)
-    _with_fake_vllm(trainer, expand_again=True)
-    with pytest.raises(
-        ValueError, match=r"sample 0 .*102 tokens \(64 image placeholders\) instead of 54 \(16\).*'qwen2_5_vl'"
-    ):
-        generation_batch(trainer)
-    assert "cppo/vllm_prompts_checked" not in trainer._metrics["train"]
-
-
-def test_check_vllm_prompt_ids_names_the_first_bad_sample():
-    class Config:
-        model_type = "llava_next"
-
-    sent = [[1, 9, 9, 2], [1, 9, 2], [3]]
-    check_vllm_prompt_ids(sent, [list(ids) for ids in sent], Config, frozenset({9}))
-    with pytest.raises(
-        ValueError, match=r"sample 1 .*4 tokens \(2 image placeholders\) instead of 3 \(1\).*llava_next"
-    ):
-        check_vllm_prompt_ids(sent, [sent[0], [1, 9, 9, 2], sent[2]], Config, frozenset({9}))
 
 
 @pytest.mark.parametrize("method", ["cppo", "papo"])

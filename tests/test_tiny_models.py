@@ -134,9 +134,9 @@ def _grpo_args(output_dir, **overrides):
         "max_completion_length": 8,
         "max_steps": 1,
         "bf16": False,
-        # TRL defaults to checkpointing on; `activation_checkpointing` is the transformers-5 name (the old
-        # `gradient_checkpointing` still works but warns).
-        "activation_checkpointing": False,
+        # TRL defaults to checkpointing on. `gradient_checkpointing` is the name every transformers 5 release knows
+        # (5.17, which the [gpu] extra installs, has no `activation_checkpointing`; later releases warn on the old name).
+        "gradient_checkpointing": False,
         "report_to": "none",
         "use_cpu": True,
         "logging_steps": 1,
@@ -173,7 +173,7 @@ def test_grpo_step_updates_parameters(family, tiny_vlm, tmp_path):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
 def test_grpo_step_with_trl_defaults(family, tiny_vlm, tmp_path):
     """TRL's default activation checkpointing plus a KL term, which reloads the reference model from the folder."""
-    args = _grpo_args(tmp_path, activation_checkpointing=True, beta=0.04)
+    args = _grpo_args(tmp_path, gradient_checkpointing=True, beta=0.04)
     trainer, changed, _ = _train_one_step(tiny_vlm(family), args)
     assert trainer.args.gradient_checkpointing
     assert trainer.ref_model is not None

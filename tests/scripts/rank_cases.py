@@ -6,7 +6,7 @@ greedy, so a prompt's rollouts are the same tokens whatever the process layout; 
 `reward_pattern` by position, so advantages (hence CPPO's gate) are set by the case, not by chance.
 
 Usage: accelerate launch ... tests/scripts/rank_cases.py MODEL_DIR OUTPUT_DIR MODE CASE [CASE ...]
-(MODE: ddp | deepspeed). Writes OUTPUT_DIR/<case>/rank{N}.json: the logged `cppo/*` / `papo/*` metrics of every step,
+(MODE: ddp | deepspeed | deepspeed-cuda, the last on GPUs for `make gpu-check`). Writes OUTPUT_DIR/<case>/rank{N}.json: the logged `cppo/*` / `papo/*` metrics of every step,
 the loss each micro-batch's `compute_loss` returned on this rank, and how many dummy passes ran.
 """
 
@@ -14,6 +14,7 @@ import faulthandler
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -73,7 +74,7 @@ def rows(case: str, ranks: list[int]) -> list[dict]:
 
 
 def make_trainer(case: str, model_dir: str, output_dir: str, mode: str, ranks: list[int]):
-    """The case's trainer on `ranks`' data; `mode` 'single' (one process), 'ddp' or 'deepspeed'."""
+    """The case's trainer on `ranks`' data; `mode` 'single' (one process), 'ddp', 'deepspeed' or 'deepspeed-cuda'."""
     from datasets import Dataset
 
     from cppo_trl import CPPOConfig, CPPOTrainer, PAPOConfig, PAPOTrainer
@@ -96,7 +97,9 @@ def make_trainer(case: str, model_dir: str, output_dir: str, mode: str, ranks: l
         "shuffle_dataset": False,
         "generation_kwargs": {"do_sample": False},
         # DeepSpeed on CPU: its CPU accelerator over gloo (`use_cpu=True` would be accelerate's own DDP on CPU).
-        **({"use_cpu": False, "ddp_backend": "gloo"} if mode == "deepspeed" else {"use_cpu": True}),
+        **{"deepspeed": {"use_cpu": False, "ddp_backend": "gloo"}, "deepspeed-cuda": {"use_cpu": False}}.get(
+            mode, {"use_cpu": True}
+        ),
         **overrides,
     }
     if method == "cppo":
@@ -115,7 +118,8 @@ def run(trainer, case: str, rank: int) -> dict:
     select = cppo_trainer.select_perception_tokens
     if CASES[case][3] == rank:
         cppo_trainer.select_perception_tokens = lambda anchor, removed, mask, *a, **k: torch.zeros_like(mask).bool()
-    losses, dummies = [], [0]
+    losses, seconds = [], {"dummy": 0.0, "agreement": 0.0}
+    counts = {"dummy": 0}
     compute_loss = trainer.compute_loss
 
     def recording(*args, **kwargs):
@@ -123,23 +127,36 @@ def run(trainer, case: str, rank: int) -> dict:
         losses.append(loss.item())
         return loss
 
-    dummy_forward = trainer._dummy_forward
+    def timed(method, name):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - start
+                counts[name] = counts.get(name, 0) + 1
 
-    def counting(*args, **kwargs):
-        dummies[0] += 1
-        return dummy_forward(*args, **kwargs)
+        return wrapper
 
-    trainer.compute_loss, trainer._dummy_forward = recording, counting
+    trainer.compute_loss = recording
+    trainer._dummy_forward = timed(trainer._dummy_forward, "dummy")
+    trainer._agree_on_view_passes = timed(trainer._agree_on_view_passes, "agreement")
+    trainer._agreed_passes = timed(trainer._agreed_passes, "agreement")
+    start = time.perf_counter()
     try:
         trainer.train()
     finally:
         cppo_trainer.select_perception_tokens = select
+    train_seconds = time.perf_counter() - start
     prefix = "cppo/" if "cppo" in trainer._metric_prefix else "papo/"
     logs = [{k: v for k, v in h.items() if k.startswith(prefix) or k == "loss"} for h in trainer.state.log_history]
     return {
         "logs": [h for h in logs if "loss" in h],
         "losses": losses,
-        "dummy_passes": dummies[0],
+        "dummy_passes": counts["dummy"],
+        "dummy_seconds": seconds["dummy"],
+        "agreement_seconds": seconds["agreement"],
+        "train_seconds": train_seconds,
         "dummy_vision_passes": sum(vision.calls for vision in trainer._vision_passes),
         "num_processes": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),

@@ -103,9 +103,10 @@ class PixelBudget:
         new_width, new_height = self.target_size(width, height)
         return new_width // self.factor, new_height // self.factor
 
-    def processor_kwargs(self) -> dict[str, int]:
-        """The limits as vLLM's processor takes them (`mm_processor_kwargs`), so it resizes exactly like ours."""
-        return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+    def processor_kwargs(self) -> dict[str, dict[str, int]]:
+        """The limits as a processor call takes them (transformers 5's `size`), for vLLM's `mm_processor_kwargs`, so
+        that vLLM resizes exactly like the trainer's processor."""
+        return {"size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}
 
 
 def load_processor(

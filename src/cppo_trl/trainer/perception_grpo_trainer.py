@@ -29,6 +29,7 @@ from cppo_trl.trainer.views import (
     view_forward_kwargs,
     with_rgb_images,
 )
+from cppo_trl.trainer.vllm import VLLMFixes
 
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class PerceptionGRPOTrainer(GRPOTrainer):
        configured `loss_type`, scaled for gradient accumulation the same way.
     5. Fixes to TRL on VLM data: a text-only prompt in a multimodal batch trains (TRL hands the processor `None`); a
        text-only rank does not deadlock the others in TRL's image logging; a completion containing an image
-       placeholder token is cut before it; vLLM's prompt ids are checked against the processor's; resuming a
+       placeholder token is cut before it; vLLM gets one placeholder per image and the recipe's pixel limits, its
+       encoder cache is reset after every weight sync and its prompt ids are checked (`trainer.vllm`); resuming a
        transformers-5 VLM checkpoint reloads every weight.
 
     Subclasses set `_metric_prefix`, `_config_class` and `_name`, and override `_attach_views` and `_compute_loss`
@@ -105,9 +107,14 @@ class PerceptionGRPOTrainer(GRPOTrainer):
                 if module is not None:
                     vlm = self._policy_lm(module).base_model
                     self._vision_passes.append(DummyVisionPass(vlm, self._dummy_row()))
-        if self.use_vllm:
-            # TRL 1.16 `_generate_single_turn` discards the prompt ids vLLM reports; wrap the one call to check them.
-            self.vllm_generation.generate = self._checked_vllm_generate(self.vllm_generation.generate)
+        if self.use_vllm:  # one placeholder per image, the recipe's pixel limits, fresh vision embeddings, checked
+            self._vllm_fixes = VLLMFixes(
+                self.vllm_generation,
+                self._policy_lm(self.model).config,
+                self._placeholder_ids,
+                self._pixel_budget,
+                on_checked=self._count_vllm_prompts,
+            )
 
     # ------------------------------------------------------------------ rollouts
     def _generate_and_score_completions(self, inputs):
@@ -191,18 +198,8 @@ class PerceptionGRPOTrainer(GRPOTrainer):
             return [self._env_tools[name] for name in self._batch_environments]
         return [self.tools or None] * count
 
-    def _checked_vllm_generate(self, generate):
-        """TRL 1.16 sends vLLM processor-expanded prompt ids plus the raw images; for some model families vLLM expands
-        the image placeholders a second time and generates from a corrupted prompt. Every prompt id list vLLM reports
-        must equal the one it was given; a mismatch is an error naming the sample, the family and the way out."""
-
-        def checked(prompts, images, num_generations, profiler=None):
-            result = generate(prompts=prompts, images=images, num_generations=num_generations, profiler=profiler)
-            check_vllm_prompt_ids(prompts, result[0], self._policy_lm(self.model).config, self._placeholder_ids)
-            self._metrics[self._mode][f"{self._metric_prefix}/vllm_prompts_checked"].append(float(len(prompts)))
-            return result
-
-        return checked
+    def _count_vllm_prompts(self, count: int) -> None:
+        self._metrics[self._mode][f"{self._metric_prefix}/vllm_prompts_checked"].append(float(count))
 
     @property
     def _mode(self) -> str:
@@ -388,25 +385,6 @@ class PerceptionGRPOTrainer(GRPOTrainer):
         device = self.accelerator.device
         local = torch.stack([torch.as_tensor(stats.get(k, 0.0), device=device, dtype=torch.float32) for k in keys])
         return dict(zip(keys, self.accelerator.reduce(local, reduction="sum").tolist(), strict=True))
-
-
-def check_vllm_prompt_ids(
-    sent: Sequence[Sequence[int]], reported: Sequence[Sequence[int]], config, placeholder_ids: frozenset[int]
-) -> None:
-    """Raise if vLLM generated from other prompt ids than the processor's (see `_checked_vllm_generate`)."""
-    for index, (ours, theirs) in enumerate(zip(sent, reported, strict=True)):
-        if list(ours) == list(theirs):
-            continue
-        ours_images = sum(token in placeholder_ids for token in ours)
-        theirs_images = sum(token in placeholder_ids for token in theirs)
-        raise ValueError(
-            f"vLLM generated sample {index} from other prompt ids than the processor's: {len(theirs)} tokens "
-            f"({theirs_images} image placeholders) instead of {len(ours)} ({ours_images}), model type "
-            f"{config.model_type!r}. vLLM re-expanded the image placeholders or resized the image to another grid, so "
-            f"its completions belong to a corrupted prompt. Ways out: a vLLM version whose processor for this family "
-            f"accepts pre-expanded prompt ids, the same pixel budget on both sides (set the recipe's min_pixels / "
-            f"max_pixels, which cppo_trl applies to the images themselves), or `use_vllm: false`."
-        )
 
 
 def _completion_hidden(hidden: torch.Tensor, completion_length: int) -> torch.Tensor:

@@ -49,13 +49,14 @@ def zero_weighted(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None
 
 
 def dummy_row(processing_class, budget: PixelBudget | None, eos_token_id: int) -> dict[str, Any]:
-    """Forward inputs of one row holding one minimal black image (the smallest the processor's grid allows) and a
-    one-token completion, built with the trainer's own processor and chat template, on CPU.
+    """Forward inputs of one row holding one minimal plain image (the smallest the processor's grid allows; not black,
+    which Idefics3 takes for padding and drops) and a one-token completion, built with the trainer's own processor and
+    chat template, on CPU.
 
     Keys: `input_ids`, `attention_mask` (1, L), `completion_length` (1), the processor's vision tensors, the text-side
     tensors extended over the completion, and `num_images` ([1])."""
     side = budget.factor if budget is not None else 28
-    image = PIL.Image.new("RGB", (side, side))
+    image = PIL.Image.new("RGB", (side, side), (200, 120, 40))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "."}]}]
     text = prompt_text(prepare_multimodal_messages(messages, images=[image]), processing_class)
     encoded = processing_class(images=[[image]], text=[text], return_tensors="pt")
@@ -90,7 +91,10 @@ def _used_features_sum(output) -> torch.Tensor:
     """Sum of what an image forward takes from `get_image_features` (see `_USED_IMAGE_FEATURES`)."""
     if torch.is_tensor(output) or isinstance(output, list | tuple):  # an older, tensor-only return value
         return _tensor_sum(output)
-    return torch.stack([_tensor_sum(output[k]) for k in _USED_IMAGE_FEATURES if output.get(k) is not None]).sum()
+    # Attributes, not keys: some releases set `pooler_output` on an output class that has no such field (Idefics3 on
+    # transformers 5.17), where it is an attribute only.
+    used = [getattr(output, name, None) for name in _USED_IMAGE_FEATURES]
+    return torch.stack([_tensor_sum(value) for value in used if value is not None]).sum()
 
 
 class DummyVisionPass:
