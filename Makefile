@@ -56,7 +56,7 @@ bench: $(STAMP)
 compare: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compare.py --out outputs/compare
 
-agents: $(STAMP)  # GRPO vs PAPO vs CPPO for a VLM agent with a zoom tool, in miniature (~10 min on 2 CPU cores)
+agents: $(STAMP)  # GRPO vs PAPO vs CPPO for a VLM agent with a zoom tool, in miniature (~11 min on 2 shared CPU cores)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/agents.py --out outputs/agents
 
 # Wheels of every dependency except torch, for an offline GPU machine with Python $(GPU_PYVER) (README "GPU").

@@ -258,6 +258,16 @@ def test_named_files_exist():
     assert not missing, missing
 
 
+def test_module_map_lists_every_module():
+    """docs/architecture.md's tree names every module of the package, and only modules that exist."""
+    tree = (ROOT / "docs" / "architecture.md").read_text().split("```")[1]
+    named = set(re.findall(r"(?<![*\w])([a-z][a-z_]*\.py)", tree))
+    package = ROOT / "src" / "cppo_trl"
+    modules = {p.name for p in package.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    assert modules - named == set(), "modules missing from the module map"
+    assert named - modules - {"__init__.py"} == set(), "the module map names files that do not exist"
+
+
 def _brace_expand(path: str) -> list[str]:
     match = re.search(r"\{([^}]+)\}", path)
     if not match:

@@ -61,7 +61,7 @@ def field_defaults(method: str = "cppo") -> dict:
 
 
 def test_recipes_found():
-    assert len(RECIPES) == 20, [rel(p) for p in RECIPES]
+    assert len(RECIPES) == 22, [rel(p) for p in RECIPES]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=rel)

@@ -60,7 +60,10 @@ def _image(seed: int, size) -> Image.Image:
 
 def _dataset(sizes=SIZES, seed=0) -> Dataset:
     content = [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]
-    rows = [{"prompt": [{"role": "user", "content": content}], "images": [_image(seed + i, s)]} for i, s in enumerate(sizes)]
+    rows = [
+        {"prompt": [{"role": "user", "content": content}], "images": [_image(seed + i, s)]}
+        for i, s in enumerate(sizes)
+    ]
     return Dataset.from_list(rows)
 
 
@@ -208,7 +211,11 @@ def _server_trainer(model, port, tmp_path, monkeypatch, processor_budget):
     )
     processing = load_processor(str(model), **processor_budget)
     return CPPOTrainer(
-        model=str(model), reward_funcs=length_reward, args=config, train_dataset=_dataset(), processing_class=processing
+        model=str(model),
+        reward_funcs=length_reward,
+        args=config,
+        train_dataset=_dataset(),
+        processing_class=processing,
     )
 
 

@@ -1,5 +1,5 @@
-"""Real datasets in TRL's conversational vision format: ViRL39K, Geometry3K and local files, with the row filters of
-the released run.
+"""Real datasets in TRL's conversational vision format: ViRL39K, Geometry3K, DeepEyes and local files, with the row
+filters of the released run.
 
 Every loader returns a `datasets.Dataset` with
 - `prompt`: `[{"role": "user", "content": [...]}]` (after an optional system message), where the content holds a
@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import zipfile
 from collections import Counter
@@ -465,6 +466,106 @@ def load_geometry3k(
         answer_column="answer",
         image_column="images",
         image_root=image_root,
+        prompt_suffix=prompt_suffix,
+        system_prompt=system_prompt,
+        on_invalid=on_invalid,
+        max_images=max_images,
+        min_image_side=min_image_side,
+        prompt_layout=prompt_layout,
+        num_workers=num_workers,
+    )
+
+
+# --- DeepEyes ---------------------------------------------------------------------------------------------------
+
+DEEPEYES_NAME = "ChenShawn/DeepEyes-Datasets-47k"
+# The two files DeepEyes trains with its zoom-in tool (env_name "visual_toolbox_v2"): data_source "vstar" (V*-style
+# high-resolution visual search) and "chart" (very large chart figures). Its third training file,
+# data_thinklite_reasoning_acc.parquet (data_source "thinklite_eureka", maths, no tool), is left out by default.
+DEEPEYES_TOOL_FILES = ("data_0.1.2_visual_toolbox_v2.parquet", "data_v0.8_visual_toolbox_v2.parquet")
+# DeepEyes's own answer-format instruction (verl/workers/agent/envs/mm_process_engine/prompt.py, USER_PROMPT_V2 and
+# TURN_PROMPT_V5): `<think>` / `<tool_call>` / `<answer>` tags. A question taken from the user message is cut there,
+# so that only the recipe's `prompt_suffix` says how to answer.
+_DEEPEYES_INSTRUCTIONS = ("\nThink first, call **image_zoom_in_tool**", "\nThink in the mind first, and then decide")
+
+
+def _deepeyes_question(record: Mapping[str, Any]) -> str:
+    """`extra_info.question` (what DeepEyes's judge reads), else the last user message without DeepEyes's format
+    instruction (its `<image>` placeholders kept)."""
+    extra = record.get("extra_info") or {}
+    question = extra.get("question") if isinstance(extra, Mapping) else None
+    if isinstance(question, str) and question.strip():
+        return question.strip()
+    messages = [m for m in _as_list(record.get("prompt")) if isinstance(m, Mapping) and m.get("role") == "user"]
+    text = str(messages[-1].get("content") or "") if messages else ""
+    for instruction in _DEEPEYES_INSTRUCTIONS:
+        if instruction in text:
+            text = text[: text.index(instruction)]
+    return re.sub(rf"{re.escape(IMAGE_PLACEHOLDER)}\s+", IMAGE_PLACEHOLDER, text).strip()
+
+
+def _deepeyes_records(records: Iterable[Mapping[str, Any]], source_file: str) -> list[dict[str, Any]]:
+    """DeepEyes's verl rows -> the columns `convert_rows` reads; `reward_model.ground_truth` is the answer."""
+    converted = []
+    for record in records:
+        reward_model = record.get("reward_model") or {}
+        converted.append(
+            {
+                "question": _deepeyes_question(record),
+                "answer": reward_model.get("ground_truth") if isinstance(reward_model, Mapping) else None,
+                "images": _as_list(record.get("images")),
+                "data_source": str(record.get("data_source") or ""),
+                "env_name": str(record.get("env_name") or ""),
+                "source_file": source_file,
+            }
+        )
+    return converted
+
+
+def load_deepeyes(
+    path_or_id: str | os.PathLike = DEEPEYES_NAME,
+    split: str = "train",
+    *,
+    files: Sequence[str] = DEEPEYES_TOOL_FILES,
+    prompt_suffix: str | None = DEFAULT_PROMPT_SUFFIX,
+    system_prompt: str | None = None,
+    on_invalid: OnInvalid = "skip",
+    max_images: int | None = None,
+    min_image_side: int | None = None,
+    prompt_layout: str = "default",
+    num_workers: int = 8,
+) -> datasets.Dataset:
+    """Load DeepEyes's RL training data (verl parquet) in prompt/images/solution form.
+
+    `path_or_id`: the Hub id (only `files` are downloaded), a local folder holding the files, or one parquet file
+    (then `files` is ignored). DeepEyes ships a single training split. Each verl row has `data_source`, `prompt`
+    (system message with DeepEyes's tool text, then the user message with an `<image>` placeholder and DeepEyes's
+    `<answer>` instruction), `images` (a list of `{"bytes", "path"}`), `env_name`, `reward_model.ground_truth` and
+    `extra_info` (with `question`); see docs/agents.md for where each was read. The prompt is rebuilt here: the
+    question (`extra_info.question`) with the image first and the recipe's `prompt_suffix`; DeepEyes's system text is
+    dropped, as TRL renders the tool schema of the environment itself. `solution` is `reward_model.ground_truth`;
+    `data_source`, `env_name` and `source_file` are kept. Rows that fail validation are skipped by default (logged
+    per reason), since a download of 47k scraped images may hold a few broken ones.
+    """
+    if split != "train":
+        raise ValueError(f"DeepEyes has a single 'train' split, got {split!r}")
+    path = Path(path_or_id)
+    if path.is_file():
+        parquet_files = [path]
+    else:
+        if not path.exists():
+            path = Path(snapshot_download(repo_id=str(path_or_id), repo_type="dataset", allow_patterns=list(files)))
+        parquet_files = [path / name for name in files]
+        missing = [str(f) for f in parquet_files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"DeepEyes files not found: {missing}")
+    records = [row for file in parquet_files for row in _deepeyes_records(read_records(file), file.name)]
+    return convert_rows(
+        records,
+        question_column="question",
+        answer_column="answer",
+        image_column="images",
+        keep_columns=("data_source", "env_name", "source_file"),
         prompt_suffix=prompt_suffix,
         system_prompt=system_prompt,
         on_invalid=on_invalid,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from trl import ScriptArguments
 
 from cppo_trl.data.loaders import PROMPT_LAYOUTS
+from cppo_trl.data.zoom_tool import ENVIRONMENTS
 
 
 @dataclass
@@ -86,6 +87,18 @@ class CPPOScriptArguments(ScriptArguments):
         },
     )
 
+    # Agents: an environment whose public methods become the rollout's tools (TRL's `environment_factory`)
+    environment: str | None = field(
+        default=None,
+        metadata={
+            "help": "Registry name of the environment passed to the trainer as `environment_factory` "
+            "(cppo_trl.data.zoom_tool.ENVIRONMENTS): 'zoom' (a zoom_in(bbox_2d) tool cropping the row's image, box in "
+            "pixels of the original image) or 'zoom_relative' (the same tool, box on a 0-1000 grid, as Qwen3-VL "
+            "grounds). Needs a chat template that parses tool calls (Qwen3-VL). None: no tools.",
+            "choices": list(ENVIRONMENTS),
+        },
+    )
+
     # Evaluation during training : a held-out set other than the training data's own test split
     eval_dataset_name: str | None = field(
         default=None,
@@ -105,5 +118,7 @@ class CPPOScriptArguments(ScriptArguments):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value!r}")
+        if self.environment is not None and self.environment not in ENVIRONMENTS:
+            raise ValueError(f"environment must be one of {sorted(ENVIRONMENTS)} or None, got {self.environment!r}")
         if self.prompt_layout not in PROMPT_LAYOUTS:
             raise ValueError(f"prompt_layout must be one of {PROMPT_LAYOUTS}, got {self.prompt_layout!r}")

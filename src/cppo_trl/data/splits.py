@@ -18,6 +18,8 @@ VIRL39K_NAME = "TIGER-Lab/ViRL39K"
 
 GEOMETRY3K_NAME = "hiyouga/geometry3k"
 
+DEEPEYES_NAME = loaders.DEEPEYES_NAME
+
 
 def load_split(script_args: CPPOScriptArguments, split: str, seed: int) -> datasets.Dataset:
     """Routes `dataset_name` to its `cppo_trl.data` loader and returns one split in prompt/images/solution form."""
@@ -37,6 +39,8 @@ def load_split(script_args: CPPOScriptArguments, split: str, seed: int) -> datas
         return loaders.load_virl39k(name, split=split, **rows)
     if name == GEOMETRY3K_NAME or "geometry3k" in name.lower():
         return loaders.load_geometry3k(name, split=split, **rows)
+    if name == DEEPEYES_NAME or "deepeyes" in name.lower():
+        return loaders.load_deepeyes(name, split=split, **rows)
     return loaders.load_local(name, **rows)
 
 

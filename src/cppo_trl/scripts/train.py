@@ -127,6 +127,13 @@ def main(
 
     reward_funcs = get_reward_funcs(script_args.reward_funcs)
 
+    # ---- Environment: its public methods become the rollout's tools (TRL's environment_factory)
+    agent = {}
+    if script_args.environment is not None:
+        from cppo_trl.data.zoom_tool import get_environment
+
+        agent["environment_factory"] = get_environment(script_args.environment)
+
     # ---- Trainer (imported here: `cppo-train --help` need not load TRL's trainer stack)
     module, name = TRAINERS[method]
     trainer = getattr(import_module(module), name)(
@@ -137,6 +144,7 @@ def main(
         eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=get_peft_config(model_args),
+        **agent,
     )
 
     # ---- Train

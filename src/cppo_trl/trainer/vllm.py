@@ -77,14 +77,16 @@ def check_server_features(features: dict | None, prompt_ids: Sequence[int], plac
             f"The vLLM server turned the images into {served} vision tokens where the trainer's processor has {ours}: "
             f"it resizes them with other pixel limits. Start it with the recipe's limits, e.g. "
             f"`trl vllm-serve --model ... --mm-processor-kwargs "
-            f"'{{\"min_pixels\": MIN_PIXELS, \"max_pixels\": MAX_PIXELS}}'`."
+            f'\'{{"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}}\'`.'
         )
 
 
 class VLLMFixes:
     """Installs the fixes above on a trainer's `VLLMGeneration` (TRL 1.16), by wrapping the four calls they concern."""
 
-    def __init__(self, vllm_generation, config, placeholder_ids: frozenset[int], budget: PixelBudget | None, on_checked):
+    def __init__(
+        self, vllm_generation, config, placeholder_ids: frozenset[int], budget: PixelBudget | None, on_checked
+    ):
         self.generation = vllm_generation
         self.config = config  # the policy's model config, for error messages
         self.placeholder_ids = placeholder_ids
