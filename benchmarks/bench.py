@@ -438,18 +438,24 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 TWO_PROCESS_CASES = ("gated_vs_none", "uneven_chunks", "cppo_text_rank", "papo_text_rank")
 
 
+def import_test_module(name: str):
+    """A module of `tests/` (the two-process launcher), imported by name so that its dataclasses resolve."""
+    import importlib
+
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    return importlib.import_module(name)
+
+
 def bench_two_processes(args, scratch: Path) -> list[dict[str, Any]]:
     """What it costs that ranks holding different work run the same passes: the cases of
     `tests/scripts/rank_cases.py` on 2 processes under DDP (wall clock; 2 steps each), per rank the seconds in dummy
     passes and in the count agreement, against the rank's whole training time."""
-    import importlib.util
-
     from cppo_trl.testing import build_tiny_vlm
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("two_processes", root / "tests" / "two_processes.py")
-    two_processes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(two_processes)
+    two_processes = import_test_module("two_processes")
     model = build_tiny_vlm("qwen2_5_vl", Path(args.model_cache) / "tiny-two-process")
     out = scratch / "two_process"
     script = root / "tests" / "scripts" / "rank_cases.py"
@@ -541,9 +547,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     np.random.seed(args.seed)
     results = []
     with tempfile.TemporaryDirectory(prefix="cppo-bench-") as tmp:
+        # The two processes first, while this one is small: the size runs leave it holding most of the memory.
+        two_process = bench_two_processes(args, Path(tmp)) if args.two_process else []
         for size in sizes:
             results.append(bench_size(size, args, Path(tmp)))
-        two_process = bench_two_processes(args, Path(tmp)) if args.two_process else []
     payload = {
         "config": dict(vars(args)),
         "torch": torch.__version__,

@@ -388,11 +388,11 @@ def zero3_uneven_gating(args, out_dir: Path) -> dict[str, Any]:
         import deepspeed  # noqa: F401
     except ImportError:
         return {"status": "skipped", "reason": "deepspeed is not installed (pip install 'cppo_trl[deepspeed]')"}
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("two_processes", ROOT / "tests" / "two_processes.py")
-    two_processes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(two_processes)
+    if str(ROOT / "tests") not in sys.path:  # the two-process launcher of the test suite, imported by name
+        sys.path.insert(0, str(ROOT / "tests"))
+    two_processes = importlib.import_module("two_processes")
     from cppo_trl.testing import build_tiny_vlm
 
     model = build_tiny_vlm("qwen2_5_vl", Path(args.model_cache) / "tiny")

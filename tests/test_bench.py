@@ -45,3 +45,14 @@ def test_bench_tiny_two_steps(tmp_path):
     assert 0 < result["masked_pass_share"] < 1 and 0 <= result["masked_build_s"] < result["masked_pass_s"]
     # PAPO adds no gradient pass: its activation memory is GRPO's (the two extra terms reuse the policy's log-probs).
     assert result["papo_memory_ratio"] < 1.1
+
+
+def test_the_two_process_part_loads_the_launcher_and_tabulates():
+    """`make bench --two-process` imports the suite's launcher (its dataclasses need a named module) and tabulates each
+    rank's overhead; the run itself is the DDP cases of tests/test_multiprocess.py."""
+    bench = _load_bench()
+    launcher = bench.import_test_module("two_processes")
+    assert callable(launcher.launch)
+    row = {"case": "gated_vs_none", "rank": 1, "dummy_passes": 2, "dummy_s": 0.05, "agreement_s": 0.002}
+    table = bench.two_process_table([{**row, "train_s": 2.0, "overhead": 0.026}])
+    assert table.splitlines()[2] == "| gated_vs_none | 1 | 2 | 0.050 | 0.0020 | 2.00 | 2.6% |"
