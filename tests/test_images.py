@@ -3,6 +3,7 @@
 import inspect
 import io
 import logging
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -71,6 +72,11 @@ def test_budget_from_processors(tiny_vlm):
 def test_load_processor_applies_and_checks_the_limits(tiny_vlm, monkeypatch, caplog):
     processor = load_processor(str(tiny_vlm("qwen2_5_vl")), min_pixels=3136, max_pixels=1003520)
     assert PixelBudget.from_processor(processor) == PixelBudget(factor=28, min_pixels=3136, max_pixels=1003520)
+    one_limit = load_processor(str(tiny_vlm("qwen2_5_vl")), max_pixels=12544)  # the other keeps its default
+    assert PixelBudget.from_processor(one_limit).max_pixels == 12544
+    with warnings.catch_warnings():  # the limits are the processor's `size`, not call kwargs deprecated since 5.18
+        warnings.simplefilter("error", FutureWarning)
+        processor(images=[PIL.Image.new("RGB", (300, 200))], text=["<|image_pad|>"])
     assert processor.tokenizer.padding_side == "left"
     with caplog.at_level(logging.WARNING, logger="cppo_trl.core.images"):
         assert PixelBudget.from_processor(load_processor(str(tiny_vlm("gemma3")), max_pixels=1003520)) is None
@@ -80,7 +86,7 @@ def test_load_processor_applies_and_checks_the_limits(tiny_vlm, monkeypatch, cap
 
     original = transformers.AutoProcessor.from_pretrained
 
-    def ignoring_limits(source, min_pixels=None, max_pixels=None, **kwargs):  # a version that drops the kwargs
+    def ignoring_limits(source, size=None, min_pixels=None, max_pixels=None, **kwargs):  # a version that drops them
         return original(source, **kwargs)
 
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", ignoring_limits)

@@ -122,9 +122,17 @@ def load_processor(
     from transformers import AutoProcessor
 
     limits = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-    processor = AutoProcessor.from_pretrained(
-        source, revision=revision, trust_remote_code=trust_remote_code, padding_side="left", **limits
-    )
+    load = {"revision": revision, "trust_remote_code": trust_remote_code, "padding_side": "left"}
+    processor = AutoProcessor.from_pretrained(source, **load)
+    size = dict(getattr(getattr(processor, "image_processor", None), "size", None) or {})
+    if limits and {"shortest_edge", "longest_edge"} <= size.keys():
+        # Qwen-style: the limits as `size` (shortest_edge = min_pixels, longest_edge = max_pixels). Loaded as
+        # min_pixels/max_pixels they reach every processor call, deprecated there since transformers 5.18.
+        size.update({"shortest_edge": limits.get("min_pixels", size["shortest_edge"])})
+        size.update({"longest_edge": limits.get("max_pixels", size["longest_edge"])})
+        processor = AutoProcessor.from_pretrained(source, size=size, **load)
+    elif limits:
+        processor = AutoProcessor.from_pretrained(source, **load, **limits)
     budget = PixelBudget.from_processor(processor)
     if limits and budget is None:
         logger.warning(
