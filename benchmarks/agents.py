@@ -147,10 +147,11 @@ def sft_warmup(
     """The agent warm-up (see the module docstring); reused when `output_dir` holds one with the same settings."""
     import datasets
     from transformers import AutoProcessor
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from cppo_trl.data.zoom_task import make_zoom_dataset
     from cppo_trl.data.zoom_tool import ZoomEnvironment
+    from cppo_trl.scripts.demo import warmup_sft_config
 
     settings = {
         "base_model": str(base_model),
@@ -174,22 +175,12 @@ def sft_warmup(
     ]
     processor = AutoProcessor.from_pretrained(base_model, padding_side="left")
     collator = AssistantTurnsCollator(processor, conversations, tools=[ZoomEnvironment().zoom_in])
-    args = SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, max_steps // 10),
-        logging_steps=max(1, max_steps // 10),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        max_length=None,  # images: truncation could cut image tokens
-        seed=seed,
-        dataloader_num_workers=0,
+    args = warmup_sft_config(
+        output_dir,
+        max_steps,
+        batch_size,
+        learning_rate,
+        seed,
         remove_unused_columns=False,  # the collator needs the `index` column
         dataset_kwargs={"skip_prepare_dataset": True},
     )

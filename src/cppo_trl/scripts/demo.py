@@ -83,6 +83,31 @@ def sft_dataset(num_samples: int, seed: int, prompt_suffix: str | None, tasks: S
     return rows.map(add_completion, remove_columns=["solution", "task"])
 
 
+def warmup_sft_config(output_dir, max_steps: int, batch_size: int, learning_rate: float, seed: int, **overrides):
+    """The CPU SFT warm-up's settings (demo, `make compare`, `make agents`): cosine schedule, no checkpoints, no
+    truncation (it could cut image tokens)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, max_steps // 10),
+        logging_steps=max(1, max_steps // 10),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=None,
+        seed=seed,
+        dataloader_num_workers=0,
+        **overrides,
+    )
+
+
 def sft_warmup(
     base_model: str | Path,
     output_dir: str | Path,
@@ -99,7 +124,7 @@ def sft_warmup(
     like the base model (weights + processor). Reused when `output_dir` already holds a finished warm-up with the
     same settings, so `compare.py` starts every arm from one identical policy."""
     from transformers import AutoProcessor
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     output_dir = Path(output_dir)
     marker = output_dir / "sft_warmup.json"
@@ -118,23 +143,7 @@ def sft_warmup(
         return output_dir
 
     processor = AutoProcessor.from_pretrained(base_model, padding_side="left")
-    args = SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, max_steps // 10),
-        logging_steps=max(1, max_steps // 10),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        max_length=None,  # images: truncation could cut image tokens
-        seed=seed,
-        dataloader_num_workers=0,
-    )
+    args = warmup_sft_config(output_dir, max_steps, batch_size, learning_rate, seed)
     trainer = SFTTrainer(
         model=str(base_model),
         args=args,
