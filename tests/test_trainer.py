@@ -272,7 +272,7 @@ def _saved_tensor_bytes(trainer, inputs) -> int:
         if ptr not in params and ptr not in seen:
             seen.add(ptr)
             total += tensor.untyped_storage().nbytes()
-        return tensor
+        return tensor.detach()  # not the tensor itself: that forms a cycle with its grad_fn and leaks the graph
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trainer.compute_loss(trainer.model, inputs)
